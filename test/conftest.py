@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight backbone checkpoints made once per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from twinbrain_ros.model.action_expert import ActionExpertConfig
+from twinbrain_ros.model.tiny import make_tiny_checkpoint
+from twinbrain_ros.model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory) -> dict[str, str]:
+    """family -> directory of a tiny random-weight HF checkpoint with tokenizer and processor."""
+    root = tmp_path_factory.mktemp("backbones")
+    return {family: str(make_tiny_checkpoint(family, root / family, seed=0))
+            for family in FAMILIES}
+
+
+def small_config(backbone_path: str, brain_mode: str = "twin", **overrides) -> TwinBrainConfig:
+    """A TwinBrainConfig with a small DiT, fast on CPU."""
+    expert = ActionExpertConfig(action_dim=8, horizon=6, hidden_size=32, num_layers=2,
+                                num_heads=2, num_inference_steps=4)
+    defaults = dict(backbone_path=backbone_path, brain_mode=brain_mode,
+                    embodiments={"arm": EmbodimentSpec(state_dim=5, action_dim=7)},
+                    max_state_dim=8, image_size=(56, 56), action_expert=expert)
+    defaults.update(overrides)
+    return TwinBrainConfig(**defaults)
+
+
+def build_model(backbone_path: str, brain_mode: str = "twin", seed: int = 0, **overrides
+                ) -> TwinBrainVLA:
+    """A fresh float32 CPU model on a tiny backbone."""
+    torch.manual_seed(seed)
+    return TwinBrainVLA.from_backbone(small_config(backbone_path, brain_mode, **overrides))
+
+
+def camera_frame(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """A deterministic random RGB frame."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def make_batch(model: TwinBrainVLA, instructions=("pick up the red can",
+                                                  "put the green block on the yellow plate")):
+    """A batch with prompts of different lengths (so the shorter one is left-padded)."""
+    images = [[camera_frame(i)] for i in range(len(instructions))]
+    inputs = model.processor(images, list(instructions))
+    gen = torch.Generator().manual_seed(1)
+    batch = len(instructions)
+    spec = next(iter(model.config.embodiments.values()))
+    state, state_mask = model.pad_state(torch.rand(batch, spec.state_dim, generator=gen).numpy())
+    horizon = model.config.action_expert.horizon
+    actions = torch.rand(batch, horizon, model.config.action_expert.action_dim,
+                         generator=gen) * 2 - 1
+    action_mask = torch.zeros_like(actions)
+    action_mask[..., :spec.action_dim] = 1.0
+    embodiments = [next(iter(model.config.embodiments))] * batch
+    return dict(inputs=inputs, state=state, state_mask=state_mask, embodiments=embodiments,
+                actions=actions, action_mask=action_mask)

@@ -1,0 +1,589 @@
+"""Diffusion Transformer (DiT) action expert trained with flow matching.
+
+The expert turns VLM hidden states into a chunk of ``horizon`` future actions, in the style of
+the GR00T / starVLA action heads.
+
+Flow-matching convention used throughout this module:
+
+* ``t`` runs from 0 to 1. ``t = 0`` is pure Gaussian noise, ``t = 1`` is the clean
+  (normalised) action chunk.
+* The probability path is the straight line ``x_t = (1 - t) * noise + t * actions``, so the
+  velocity the network must predict is constant along a path: ``v = actions - noise``.
+* Training draws ``t = (s - u) / s`` with ``u ~ Beta(alpha, beta)`` (clamped to [0, 1]).
+  With the default ``alpha > beta`` this puts more weight on the noisy end, where predicting
+  the velocity is hardest. ``s`` slightly below 1 keeps a sliver of noise in the cleanest
+  samples.
+* Inference integrates ``dx/dt = v(x, t)`` with explicit Euler steps from ``t = 0``
+  (``x = noise``) to ``t = 1``.
+
+Architecture: per-step MLP action encoder plus learned positional embedding, a sinusoidal
+timestep embedding, a stack of adaLN-Zero DiT blocks that alternate between cross-attention to
+the (LayerNormed) VLM tokens and bidirectional self-attention over the action tokens, and an
+adaLN'd output projection. All attention goes through
+:func:`torch.nn.functional.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActionExpertConfig:
+    """Hyper-parameters of :class:`FlowMatchingActionExpert`.
+
+    Attributes:
+        action_dim: Padded maximum action dimension across embodiments.
+        horizon: Number of actions per predicted chunk.
+        hidden_size: DiT width.
+        num_layers: Number of DiT blocks.
+        num_heads: Attention heads per block; must divide ``hidden_size``.
+        cross_attention_every: Block ``i`` cross-attends to the VLM tokens when
+            ``i % cross_attention_every == 0``, otherwise it self-attends over the action tokens.
+        mlp_ratio: Width multiplier of the per-block MLP.
+        num_inference_steps: Default number of Euler steps in :meth:`~FlowMatchingActionExpert.
+            sample`.
+        timestep_beta_alpha: ``alpha`` of the Beta distribution for training timesteps.
+        timestep_beta_beta: ``beta`` of the Beta distribution for training timesteps.
+        timestep_s: Scale ``s`` in ``t = (s - u) / s``.
+    """
+
+    action_dim: int = 32
+    horizon: int = 16
+    hidden_size: int = 768
+    num_layers: int = 16
+    num_heads: int = 12
+    cross_attention_every: int = 2
+    mlp_ratio: float = 4.0
+    num_inference_steps: int = 4
+    timestep_beta_alpha: float = 1.5
+    timestep_beta_beta: float = 1.0
+    timestep_s: float = 0.999
+
+    def __post_init__(self) -> None:
+        """Validate the configuration so that mistakes fail at construction time."""
+        for name in (
+            "action_dim",
+            "horizon",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "cross_attention_every",
+            "num_inference_steps",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.timestep_beta_alpha <= 0 or self.timestep_beta_beta <= 0:
+            raise ValueError("timestep_beta_alpha and timestep_beta_beta must be > 0")
+        if not 0.0 < self.timestep_s <= 1.0:
+            raise ValueError(f"timestep_s must be in (0, 1], got {self.timestep_s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dictionary of the configuration."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ActionExpertConfig:
+        """Build a configuration from a dictionary produced by :meth:`to_dict`.
+
+        Args:
+            data: Mapping from field name to value. Missing fields take their defaults.
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ValueError: If ``data`` contains keys that are not configuration fields; silently
+                dropping them would hide typos in config files.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ActionExpertConfig keys: {unknown}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of a batch of scalar positions (Transformer / DDPM style).
+
+    Args:
+        t: Positions of shape ``(B,)``; any float values.
+        dim: Embedding size.
+        max_period: Controls the lowest frequency.
+
+    Returns:
+        Float32 tensor of shape ``(B, dim)``.
+    """
+    half = dim // 2
+    # Always float32: bf16 cannot resolve the high-frequency phases of t * 1000.
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Apply a per-sample affine modulation ``x * (1 + scale) + shift`` over the token axis."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class TimestepEmbedder(nn.Module):
+    """Maps flow time ``t`` in [0, 1] to a ``hidden_size`` conditioning vector."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256) -> None:
+        """Create the embedder.
+
+        Args:
+            hidden_size: Output size.
+            frequency_dim: Size of the intermediate sinusoidal embedding.
+        """
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embed ``t`` of shape ``(B,)`` into ``(B, hidden_size)``."""
+        # Scale to [0, 1000] so the standard sinusoid frequencies (tuned for integer diffusion
+        # steps) spread distinct t values across many phases.
+        emb = sinusoidal_embedding(t * 1000.0, self.frequency_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention by default, cross-attention when given a context."""
+
+    def __init__(self, hidden_size: int, num_heads: int, context_dim: int | None = None) -> None:
+        """Create the attention layer.
+
+        Args:
+            hidden_size: Width of the query tokens and of the output.
+            num_heads: Number of heads.
+            context_dim: Width of the key/value tokens; ``None`` means self-attention.
+        """
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.is_cross = context_dim is not None
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.kv_proj = nn.Linear(
+            context_dim if context_dim is not None else hidden_size, 2 * hidden_size
+        )
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` to ``context`` (or to ``x`` itself).
+
+        Args:
+            x: Query tokens ``(B, L, hidden_size)``.
+            context: Key/value tokens ``(B, S, context_dim)``; ``None`` for self-attention.
+            key_mask: Boolean ``(B, S)``, True where a key may be attended to.
+
+        Returns:
+            Tensor ``(B, L, hidden_size)``.
+        """
+        batch, length, width = x.shape
+        kv_source = x if context is None else context
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (
+            self.kv_proj(kv_source)
+            .view(batch, kv_source.shape[1], 2, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        # SDPA's boolean mask means "may attend"; broadcast it over heads and queries.
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero timestep conditioning (Peebles & Xie, 2023)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        context_dim: int | None = None,
+    ) -> None:
+        """Create the block.
+
+        Args:
+            hidden_size: Token width.
+            num_heads: Attention heads.
+            mlp_ratio: MLP width multiplier.
+            context_dim: Width of the cross-attention tokens; ``None`` for self-attention.
+        """
+        super().__init__()
+        # Affine-free norms: the scale/shift come from the timestep instead.
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, context_dim)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden_size),
+        )
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    @property
+    def is_cross_attention(self) -> bool:
+        """Whether this block attends to the VLM tokens rather than to the action tokens."""
+        return self.attn.is_cross
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Apply the block.
+
+        Args:
+            x: Action tokens ``(B, H, hidden_size)``.
+            temb: Timestep embedding ``(B, hidden_size)``.
+            context: Normed VLM tokens ``(B, S, cond_dim)``; used only by cross-attention blocks.
+            key_mask: Boolean ``(B, S)`` validity mask of ``context``.
+
+        Returns:
+            Updated action tokens ``(B, H, hidden_size)``.
+        """
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(temb).chunk(6, -1)
+        h = modulate(self.norm1(x), shift_a, scale_a)
+        if self.is_cross_attention:
+            h = self.attn(h, context, key_mask)
+        else:
+            h = self.attn(h)
+        x = x + gate_a[:, None, :] * h
+        h = self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x + gate_m[:, None, :] * h
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm followed by a projection to the action space."""
+
+    def __init__(self, hidden_size: int, action_dim: int) -> None:
+        """Create the output layer.
+
+        Args:
+            hidden_size: Token width.
+            action_dim: Output size per action step.
+        """
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.proj = nn.Linear(hidden_size, action_dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Map tokens ``(B, H, hidden_size)`` to velocities ``(B, H, action_dim)``."""
+        shift, scale = self.modulation(temb).chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# The action expert
+# --------------------------------------------------------------------------------------------
+
+
+class FlowMatchingActionExpert(nn.Module):
+    """DiT that predicts the flow-matching velocity of an action chunk given VLM tokens.
+
+    Example:
+        >>> cfg = ActionExpertConfig(action_dim=7, horizon=8, hidden_size=64, num_layers=2,
+        ...                          num_heads=4)
+        >>> expert = FlowMatchingActionExpert(cfg, cond_dim=48)
+        >>> cond, mask = torch.randn(2, 5, 48), torch.ones(2, 5, dtype=torch.bool)
+        >>> expert.sample(cond, mask).shape
+        torch.Size([2, 8, 7])
+    """
+
+    def __init__(self, config: ActionExpertConfig, cond_dim: int) -> None:
+        """Build the expert.
+
+        Args:
+            config: Hyper-parameters.
+            cond_dim: Width of the VLM hidden states used as cross-attention keys/values.
+        """
+        super().__init__()
+        if cond_dim < 1:
+            raise ValueError(f"cond_dim must be >= 1, got {cond_dim}")
+        self.config = config
+        self.cond_dim = cond_dim
+        hidden = config.hidden_size
+
+        self.action_encoder = nn.Sequential(
+            nn.Linear(config.action_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.horizon, hidden))
+        self.time_embedder = TimestepEmbedder(hidden)
+        # VLM hidden states can have large, layer-dependent magnitudes; normalise them once
+        # here rather than in every cross-attention block.
+        self.cond_norm = nn.LayerNorm(cond_dim)
+        self.blocks = nn.ModuleList(
+            DiTBlock(
+                hidden,
+                config.num_heads,
+                config.mlp_ratio,
+                context_dim=cond_dim if i % config.cross_attention_every == 0 else None,
+            )
+            for i in range(config.num_layers)
+        )
+        self.final_layer = FinalLayer(hidden, config.action_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        def _init_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(_init_linear)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for layer in (self.time_embedder.mlp[0], self.time_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: all gates/shifts/scales start at zero so each block is the identity and
+        # the untrained expert predicts zero velocity; training opens the residual branches.
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.proj.weight)
+        nn.init.zeros_(self.final_layer.proj.bias)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.pos_embed.dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return self.pos_embed.device
+
+    # ---------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        noisy_actions: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict the velocity ``d x_t / d t`` at ``(x_t, t)``.
+
+        Inputs are cast to the parameter dtype internally.
+
+        Args:
+            noisy_actions: ``x_t`` of shape ``(B, H, action_dim)`` with ``H <= horizon``.
+            t: Flow time of shape ``(B,)`` (or a scalar), in [0, 1]; 0 is pure noise.
+            cond: VLM hidden states ``(B, S, cond_dim)``.
+            cond_mask: Boolean ``(B, S)``, True for valid tokens.
+
+        Returns:
+            Predicted velocity ``(B, H, action_dim)`` in the dtype of ``noisy_actions``.
+
+        Raises:
+            ValueError: On shape mismatches or if a sample has no valid cond token.
+        """
+        batch, steps, action_dim = noisy_actions.shape
+        if action_dim != self.config.action_dim:
+            raise ValueError(f"noisy_actions last dim {action_dim} != {self.config.action_dim}")
+        if steps > self.config.horizon:
+            raise ValueError(f"noisy_actions has {steps} steps > horizon {self.config.horizon}")
+        key_mask = self._check_cond(cond, cond_mask, batch)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+
+        dtype = self._dtype
+        x = self.action_encoder(noisy_actions.to(dtype)) + self.pos_embed[:, :steps]
+        temb = self.time_embedder(t)
+        context = self.cond_norm(cond.to(dtype))
+        for block in self.blocks:
+            x = block(x, temb, context, key_mask)
+        return self.final_layer(x, temb).to(noisy_actions.dtype)
+
+    def _check_cond(self, cond: torch.Tensor, cond_mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """Validate the conditioning and return the mask as bool."""
+        if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[2] != self.cond_dim:
+            raise ValueError(
+                f"cond must have shape ({batch}, S, {self.cond_dim}), got {tuple(cond.shape)}"
+            )
+        if cond_mask.shape != cond.shape[:2]:
+            raise ValueError(
+                f"cond_mask shape {tuple(cond_mask.shape)} != cond shape {tuple(cond.shape[:2])}"
+            )
+        key_mask = cond_mask.to(device=cond.device, dtype=torch.bool)
+        # A row with no valid key would make SDPA softmax over nothing and return NaN.
+        empty = ~key_mask.any(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(f"cond_mask has no valid token in batch rows {rows}")
+        return key_mask
+
+    # ---------------------------------------------------------------------------- training
+
+    def sample_timesteps(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw training flow times ``t = (s - u) / s`` with ``u ~ Beta(alpha, beta)``.
+
+        Args:
+            batch_size: Number of timesteps.
+            device: Device of the result; defaults to the parameters' device. Must match the
+                device of ``generator`` if one is given.
+            generator: Optional generator for reproducible draws.
+
+        Returns:
+            Float32 tensor ``(batch_size,)`` in [0, 1], skewed towards 0 (noisier) by default.
+        """
+        device = self._device if device is None else torch.device(device)
+        cfg = self.config
+        beta = torch.distributions.Beta(
+            torch.tensor(cfg.timestep_beta_alpha, device=device),
+            torch.tensor(cfg.timestep_beta_beta, device=device))
+        if generator is None:
+            u = beta.sample((batch_size,))
+        else:
+            # torch's Beta sampler only reads the global RNG: seed a forked one from `generator`.
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                torch.manual_seed(seed)
+                u = beta.sample((batch_size,))
+        return ((cfg.timestep_s - u) / cfg.timestep_s).clamp(0.0, 1.0)
+
+    def loss(
+        self,
+        actions: torch.Tensor,
+        action_mask: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow-matching loss: masked MSE between predicted and straight-path velocity.
+
+        Draws ``t`` first and then ``noise`` from ``generator`` (unless given).
+
+        Args:
+            actions: Normalised target chunk ``(B, H, action_dim)``.
+            action_mask: Bool or 0/1 mask broadcastable to ``actions``; False marks padded
+                action dims and steps past the episode end.
+            cond: VLM hidden states ``(B, S, cond_dim)``.
+            cond_mask: Boolean ``(B, S)``, True for valid tokens.
+            generator: Optional generator for ``t`` and ``noise``.
+            noise: Optional fixed noise ``(B, H, action_dim)``.
+            t: Optional fixed flow times ``(B,)``.
+
+        Returns:
+            Float32 scalar: mean squared error over valid entries (0 if there are none).
+        """
+        mask = action_mask.to(device=actions.device, dtype=torch.bool).expand_as(actions)
+        # Zero the padded entries so that whatever they contain cannot leak into x_t, and
+        # hence into the valid predictions, nor receive gradient.
+        target_actions = torch.where(mask, actions.to(torch.float32), 0.0)
+        batch = actions.shape[0]
+        if t is None:
+            t = self.sample_timesteps(batch, actions.device, generator)
+        t = t.to(device=actions.device, dtype=torch.float32)
+        if noise is None:
+            noise = torch.randn(
+                actions.shape, device=actions.device, dtype=torch.float32, generator=generator
+            )
+        noise = noise.to(device=actions.device, dtype=torch.float32)
+
+        t_b = t[:, None, None]
+        x_t = (1.0 - t_b) * noise + t_b * target_actions
+        target_velocity = target_actions - noise
+        pred = self(x_t, t, cond, cond_mask)
+        # torch.where rather than multiplying by the mask: a non-finite padded prediction
+        # would otherwise turn the loss into NaN.
+        sq_err = torch.where(mask, (pred - target_velocity).square(), 0.0)
+        return sq_err.sum() / mask.sum().clamp_min(1)
+
+    # ---------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        num_steps: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate an action chunk by Euler-integrating the velocity field from t=0 to t=1.
+
+        Args:
+            cond: VLM hidden states ``(B, S, cond_dim)``.
+            cond_mask: Boolean ``(B, S)``, True for valid tokens.
+            num_steps: Number of equal Euler steps; defaults to
+                ``config.num_inference_steps``.
+            noise: Optional starting point ``(B, horizon, action_dim)``.
+            generator: Generator for the starting noise when ``noise`` is None.
+
+        Returns:
+            Float32 normalised action chunk ``(B, horizon, action_dim)``. The state is kept in
+            float32 even for a bf16 model so that the Euler sum does not lose precision.
+        """
+        steps = self.config.num_inference_steps if num_steps is None else int(num_steps)
+        if steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {steps}")
+        batch = cond.shape[0]
+        shape = (batch, self.config.horizon, self.config.action_dim)
+        if noise is None:
+            noise = torch.randn(
+                shape, device=cond.device, dtype=torch.float32, generator=generator
+            )
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        x = noise.to(device=cond.device, dtype=torch.float32)
+        dt = 1.0 / steps
+        for i in range(steps):
+            t = torch.full((batch,), i * dt, device=cond.device, dtype=torch.float32)
+            x = x + dt * self(x, t, cond, cond_mask)
+        return x

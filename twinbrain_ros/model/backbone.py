@@ -1,0 +1,250 @@
+"""Qwen2.5-VL / Qwen3-VL backbones through transformers' own classes, and their input processing.
+
+A backbone is loaded offline from one local HF checkpoint directory (the user's downloaded
+checkpoint, or a tiny one from `twinbrain_ros.model.tiny`). Only the base model (`model.model`:
+vision tower + language model) is kept: the LM head is never computed, which also unties the
+embeddings so that freezing one brain never freezes a tied head of the other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
+
+class BackboneError(ValueError):
+    """A backbone checkpoint directory is missing, incomplete or of an unsupported type."""
+
+
+def read_backbone_config(path: str | Path) -> dict:
+    """Read and check `config.json` of a backbone checkpoint directory."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise BackboneError(f"backbone checkpoint directory {path} does not exist")
+    if not config_file.is_file():
+        raise BackboneError(f"backbone checkpoint {path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BackboneError(f"{config_file} is not valid JSON: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BackboneError(
+            f"{config_file}: model_type {model_type!r} is not supported; expected one of "
+            f"{SUPPORTED_MODEL_TYPES} (a Qwen2.5-VL or Qwen3-VL checkpoint)")
+    return config
+
+
+def _model_class(model_type: str):
+    from transformers import Qwen2_5_VLModel, Qwen3VLModel
+
+    return Qwen2_5_VLModel if model_type == "qwen2_5_vl" else Qwen3VLModel
+
+
+def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32,
+             attn_implementation: str = "sdpa") -> nn.Module:
+    """Load the base VLM (vision tower + language model, no LM head) from a local directory."""
+    model_type = read_backbone_config(path)["model_type"]
+    if not any(Path(path).glob("*.safetensors")):
+        raise BackboneError(f"backbone checkpoint {path} has no *.safetensors weights")
+    return _model_class(model_type).from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+
+
+def build_vlm(config, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Build a random-weight base VLM from an HF config (benchmarks at real sizes)."""
+    config._attn_implementation = attn_implementation
+    return _model_class(config.model_type)._from_config(config, dtype=dtype)
+
+
+class QwenVLBackbone(nn.Module):
+    """One brain: a Qwen-VL base model with the few entry points AsyMoT needs.
+
+    The stock vision tower, embedding, M-RoPE index and decoder layers are used unchanged, so
+    the attention kernels are transformers' own (SDPA or flash-attention).
+    """
+
+    def __init__(self, vlm: nn.Module):
+        """Wrap a `Qwen2_5_VLModel` or `Qwen3VLModel`."""
+        super().__init__()
+        self.vlm = vlm
+        self.model_type = vlm.config.model_type
+        self.text_config = vlm.config.get_text_config()
+        self.hidden_size = self.text_config.hidden_size
+        self.image_token_id = vlm.config.image_token_id
+
+    @property
+    def has_deepstack(self) -> bool:
+        """Whether vision features are also injected into early decoder layers (Qwen3-VL)."""
+        return self.model_type == "qwen3_vl"
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """Run the vision tower: merged image tokens (N, hidden) and deepstack features or None."""
+        out = self.vlm.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        embeds = torch.cat(out.pooler_output, dim=0)
+        deepstack = None
+        if self.has_deepstack:
+            deepstack = [torch.cat(feat, dim=0) for feat in out.deepstack_features]
+        return embeds, deepstack
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image tokens written into the `<|image_pad|>` slots."""
+        embeds = self.vlm.get_input_embeddings()(input_ids)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        if int(image_mask.sum()) != image_embeds.shape[0]:
+            raise ValueError(
+                f"{int(image_mask.sum())} image placeholder tokens but {image_embeds.shape[0]} "
+                "image features: the processor and the vision tower disagree")
+        return embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+
+    def rope_index(self, inputs: VisionLanguageInputs) -> torch.Tensor:
+        """3-row M-RoPE positions (3, B, S) of a left-padded batch."""
+        positions, _ = self.vlm.get_rope_index(
+            inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
+            image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask)
+        return positions
+
+    def decode(self, inputs_embeds, attention_mask, position_ids, past_key_values=None,
+               visual_pos_masks=None, deepstack_embeds=None) -> torch.Tensor:
+        """Run the language model's decoder layers; returns the final-norm hidden states."""
+        kwargs = {}
+        if self.has_deepstack:
+            kwargs = dict(visual_pos_masks=visual_pos_masks,
+                          deepstack_visual_embeds=deepstack_embeds)
+        out = self.vlm.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values,
+            use_cache=past_key_values is not None, **kwargs)
+        return out.last_hidden_state
+
+
+@dataclass
+class VisionLanguageInputs:
+    """A left-padded batch of prompts with their images, ready for a Qwen-VL backbone."""
+
+    input_ids: torch.Tensor        # (B, S) long
+    attention_mask: torch.Tensor   # (B, S) long, 0 on left padding
+    mm_token_type_ids: torch.Tensor  # (B, S) int, 1 on image tokens
+    pixel_values: torch.Tensor     # (num_patches, patch_dim)
+    image_grid_thw: torch.Tensor   # (num_images, 3) long
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        """Move to a device; `dtype` applies to the pixel values only."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
+        if dtype is not None:
+            moved["pixel_values"] = moved["pixel_values"].to(dtype)
+        return VisionLanguageInputs(**moved)
+
+    @property
+    def visual_mask(self) -> torch.Tensor:
+        """(B, S) bool: True where a token is an image token."""
+        return self.mm_token_type_ids.bool()
+
+
+class QwenVLProcessor:
+    """Turns camera images and an instruction into backbone inputs.
+
+    Uses the checkpoint's own tokenizer and image processor (AutoProcessor needs torchvision for
+    its video half, so the two are loaded on their own). The prompt follows the Qwen chat format
+    with one `<|vision_start|><|image_pad|>...<|vision_end|>` block per camera; each image pad is
+    expanded to `grid_thw.prod() // merge_size**2` tokens, which is all the stock processor adds.
+    """
+
+    def __init__(self, tokenizer, image_processor, image_token_id: int,
+                 image_size: tuple[int, int] | None = None):
+        """Build from a loaded tokenizer and image processor.
+
+        Args:
+            tokenizer: the checkpoint's tokenizer.
+            image_processor: the checkpoint's Qwen2-VL image processor.
+            image_token_id: id of `<|image_pad|>`.
+            image_size: (height, width) every camera frame is resized to before the image
+                processor (None keeps the frame size), so that token counts stay fixed.
+        """
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self.merge_size = image_processor.merge_size
+        self.image_size = tuple(image_size) if image_size else None
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, image_size=None) -> QwenVLProcessor:
+        """Load the tokenizer and image processor of a local checkpoint directory."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        path = Path(path)
+        config = read_backbone_config(path)
+        for required in ("preprocessor_config.json",):
+            if not (path / required).is_file():
+                raise BackboneError(f"backbone checkpoint {path} has no {required}")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(
+            str(path), backend="pil", local_files_only=True)
+        return cls(tokenizer, image_processor, config["image_token_id"], image_size=image_size)
+
+    def prompt(self, instruction: str, num_images: int) -> str:
+        """The chat-format prompt text with one vision block per image (pads not expanded)."""
+        vision = f"<|vision_start|>{self.image_token}<|vision_end|>" * num_images
+        return (f"<|im_start|>user\n{vision}{instruction}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        if self.image_size is None or tuple(image.shape[:2]) == self.image_size:
+            return image
+        from PIL import Image
+
+        height, width = self.image_size
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+    def __call__(self, images: list[list[np.ndarray]], instructions: list[str]
+                 ) -> VisionLanguageInputs:
+        """Process a batch.
+
+        Args:
+            images: per sample, a list of HxWx3 uint8 RGB frames (one per camera).
+            instructions: per sample, the language instruction.
+        """
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} image lists for {len(instructions)} instructions")
+        flat = []
+        for sample in images:
+            if len(sample) == 0:
+                raise ValueError("every sample needs at least one camera image")
+            for image in sample:
+                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                    raise ValueError(
+                        f"camera images must be HxWx3 uint8 RGB, got {image.dtype} "
+                        f"{tuple(image.shape)}")
+                flat.append(self._resize(image))
+        vision = self.image_processor(images=flat, return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        tokens_per_image = (grid.prod(-1) // self.merge_size**2).tolist()
+        texts, k = [], 0
+        for sample, instruction in zip(images, instructions, strict=True):
+            text = self.prompt(instruction, len(sample))
+            # Expand each image pad to its token count (a marker avoids re-expanding).
+            for _ in sample:
+                text = text.replace(self.image_token, "<|placeholder|>" * tokens_per_image[k], 1)
+                k += 1
+            texts.append(text.replace("<|placeholder|>", self.image_token))
+        tokens = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+        input_ids = tokens["input_ids"]
+        return VisionLanguageInputs(
+            input_ids=input_ids,
+            attention_mask=tokens["attention_mask"],
+            mm_token_type_ids=(input_ids == self.image_token_id).to(torch.int32),
+            pixel_values=vision["pixel_values"],
+            image_grid_thw=grid,
+        )

