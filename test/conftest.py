@@ -61,3 +61,43 @@ def make_batch(model: TwinBrainVLA, instructions=("pick up the red can",
     embodiments = [next(iter(model.config.embodiments))] * batch
     return dict(inputs=inputs, state=state, state_mask=state_mask, embodiments=embodiments,
                 actions=actions, action_mask=action_mask)
+
+
+def _rclpy_works() -> str | None:
+    """None when rclpy can init and load message types here, else the reason it cannot."""
+    import subprocess
+    import sys
+
+    code = ("import rclpy; rclpy.init(); from sensor_msgs.msg import Image; "
+            "from trajectory_msgs.msg import JointTrajectory; rclpy.shutdown()")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        return "rclpy.init() timed out"
+    if proc.returncode != 0:
+        return f"rclpy does not work here: {proc.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def ros_env(tmp_path_factory):
+    """An isolated ROS 2 environment (own domain id, local discovery, temp logs), or a skip."""
+    import os
+    import random
+
+    reason = _rclpy_works()
+    if reason:
+        pytest.skip(reason)
+    log_dir = tmp_path_factory.mktemp("ros_log")
+    env = {"ROS_DOMAIN_ID": str(random.randint(1, 200)),
+           "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "ROS_LOG_DIR": str(log_dir), "ROS_HOME": str(log_dir)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,1 @@
+"""Policy runtime without ROS: observation -> model -> action chunk."""

@@ -1,0 +1,101 @@
+"""ROS message <-> NumPy conversion without cv_bridge."""
+
+from __future__ import annotations
+
+import numpy as np
+from builtin_interfaces.msg import Duration
+from sensor_msgs.msg import Image, JointState
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+# encoding -> (channels, index order that turns the pixels into RGB)
+_ENCODINGS = {
+    "rgb8": (3, [0, 1, 2]),
+    "bgr8": (3, [2, 1, 0]),
+    "rgba8": (4, [0, 1, 2]),
+    "bgra8": (4, [2, 1, 0]),
+    "mono8": (1, [0, 0, 0]),
+}
+SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
+
+
+class InputError(ValueError):
+    """A message that cannot be used; `cause` is a short key for counting and rate limiting."""
+
+    def __init__(self, cause: str, message: str):
+        """Store the cause key next to the human-readable message."""
+        super().__init__(message)
+        self.cause = cause
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (one copy at most)."""
+    if msg.encoding not in _ENCODINGS:
+        raise InputError(f"encoding:{msg.encoding}",
+                         f"unsupported image encoding {msg.encoding!r}; supported: "
+                         f"{', '.join(SUPPORTED_ENCODINGS)}")
+    channels, order = _ENCODINGS[msg.encoding]
+    height, width, step = msg.height, msg.width, msg.step
+    if height == 0 or width == 0 or step < width * channels:
+        raise InputError("image_size", f"image {width}x{height} {msg.encoding} has step {step}, "
+                                       f"expected at least {width * channels}")
+    if len(msg.data) != step * height:
+        raise InputError("image_size", f"image data has {len(msg.data)} bytes, expected "
+                                       f"step*height = {step * height}")
+    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
+    pixels = rows[:, : width * channels].reshape(height, width, channels)
+    if order == [0, 1, 2] and channels == 3:
+        return pixels
+    return np.ascontiguousarray(pixels[..., order])
+
+
+def rgb_to_image(rgb: np.ndarray, stamp=None, frame_id: str = "camera") -> Image:
+    """Make an rgb8 sensor_msgs/Image from an HxWx3 uint8 array."""
+    msg = Image()
+    if stamp is not None:
+        msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(rgb.shape[0]), int(rgb.shape[1])
+    msg.encoding = "rgb8"
+    msg.step = msg.width * 3
+    msg.data = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    return msg
+
+
+def joint_positions(msg: JointState, joint_names: list[str]) -> np.ndarray:
+    """Positions of `joint_names` (in that order) from a JointState in any joint order."""
+    if len(msg.position) != len(msg.name):
+        raise InputError("joint_state_size", f"JointState has {len(msg.name)} names but "
+                                             f"{len(msg.position)} positions")
+    index = {name: i for i, name in enumerate(msg.name)}
+    missing = [name for name in joint_names if name not in index]
+    if missing:
+        raise InputError("missing_joints", f"JointState lacks joints {missing}")
+    positions = np.array([msg.position[index[name]] for name in joint_names], dtype=np.float64)
+    if not np.isfinite(positions).all():
+        bad = [n for n, p in zip(joint_names, positions, strict=True) if not np.isfinite(p)]
+        raise InputError("non_finite_joints", f"JointState has non-finite positions for {bad}")
+    return positions
+
+
+def _duration(seconds: float) -> Duration:
+    nanoseconds = int(round(seconds * 1e9))
+    return Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+
+
+def make_trajectory(joint_names: list[str], positions: np.ndarray, dt: float,
+                    velocities: np.ndarray | None = None) -> JointTrajectory:
+    """A JointTrajectory with one point per row of `positions`, `dt` seconds apart.
+
+    The first point is at `dt` (the current position is where the robot already is); the header
+    stamp stays zero, which controllers read as "start now".
+    """
+    msg = JointTrajectory()
+    msg.joint_names = list(joint_names)
+    for i, row in enumerate(positions):
+        point = JointTrajectoryPoint()
+        point.positions = [float(x) for x in row]
+        if velocities is not None:
+            point.velocities = [float(x) for x in velocities[i]]
+        point.time_from_start = _duration((i + 1) * dt)
+        msg.points.append(point)
+    return msg
