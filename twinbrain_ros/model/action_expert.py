@@ -433,10 +433,14 @@ class FlowMatchingActionExpert(nn.Module):
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
 
-        dtype = self._dtype
-        x = self.action_encoder(noisy_actions.to(dtype)) + self.pos_embed[:, :steps]
+        return self._velocity(noisy_actions, t, self.cond_norm(cond.to(self._dtype)), key_mask)
+
+    def _velocity(self, noisy_actions: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                  key_mask: torch.Tensor) -> torch.Tensor:
+        """The network itself, on checked inputs and already-normed context (no host sync)."""
+        steps = noisy_actions.shape[1]
+        x = self.action_encoder(noisy_actions.to(self._dtype)) + self.pos_embed[:, :steps]
         temb = self.time_embedder(t)
-        context = self.cond_norm(cond.to(dtype))
         for block in self.blocks:
             x = block(x, temb, context, key_mask)
         return self.final_layer(x, temb).to(noisy_actions.dtype)
@@ -582,8 +586,11 @@ class FlowMatchingActionExpert(nn.Module):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         x = noise.to(device=cond.device, dtype=torch.float32)
+        # Check and norm the conditioning once per chunk, not once per Euler step.
+        key_mask = self._check_cond(cond, cond_mask, batch)
+        context = self.cond_norm(cond.to(self._dtype))
         dt = 1.0 / steps
         for i in range(steps):
             t = torch.full((batch,), i * dt, device=cond.device, dtype=torch.float32)
-            x = x + dt * self(x, t, cond, cond_mask)
+            x = x + dt * self._velocity(x, t, context, key_mask)
         return x
