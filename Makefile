@@ -16,10 +16,11 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt setup.py
+$(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -r requirements-nodeps.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -1,8 +1,11 @@
 """Demo: the policy node on a small random-weight checkpoint against a short synthetic input.
 
 1. makes a tiny random-weight Qwen3-VL backbone and a TwinBrainVLA checkpoint for the WidowX
-   joints (the weights are random: the motion is meaningless, the plumbing is real);
-2. starts the policy node in its own process (`python -m twinbrain_ros.ros.policy_node`);
+   (Bridge end-effector delta actions; the weights are random: the motion is meaningless, the
+   plumbing is real);
+2. starts the policy node in its own process with `config/widowx.yaml` (actuation off, so the
+   trajectory goes to the dry-run topic), which turns the deltas into joint targets by inverse
+   kinematics of the WX250s, schedules and safety-checks them;
 3. publishes a 640x480 camera image, joint states and an instruction over ROS 2, and prints the
    JointTrajectory the node publishes.
 
@@ -23,31 +26,37 @@ from pathlib import Path
 
 import numpy as np
 
-WIDOWX_JOINTS = ["waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate",
-                 "gripper"]
 
-
-def make_demo_checkpoint(root: Path) -> Path:
-    """A tiny twin-brain checkpoint with a `widowx` embodiment (7 joints in, 7 out)."""
+def make_demo_checkpoint(root: Path, embodiment) -> Path:
+    """A tiny twin-brain checkpoint for `embodiment` (random weights)."""
     import torch
 
     from .model.action_expert import ActionExpertConfig
     from .model.checkpoint import save_checkpoint
+    from .model.normalization import NormStats
     from .model.tiny import make_tiny_checkpoint
     from .model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA
 
     backbone = make_tiny_checkpoint("qwen3_vl", root / "backbone")
+    spec = EmbodimentSpec(state_dim=embodiment.state_dim, action_dim=embodiment.action_dim,
+                          action_space=embodiment.action_space)
     config = TwinBrainConfig(
         backbone_path=str(backbone), brain_mode="twin",
-        embodiments={"widowx": EmbodimentSpec(state_dim=7, action_dim=7)},
-        image_size=(112, 112),
-        action_expert=ActionExpertConfig(action_dim=7, horizon=8, hidden_size=64,
-                                         num_layers=4, num_heads=4))
+        embodiments={embodiment.normalization_key: spec}, image_size=(112, 112),
+        action_expert=ActionExpertConfig(action_dim=embodiment.action_dim, horizon=8,
+                                         hidden_size=64, num_layers=4, num_heads=4))
     torch.manual_seed(0)
     model = TwinBrainVLA.from_backbone(config)
     with torch.no_grad():  # stand-in for training, so that the output is not pure noise
         for p in model.action_expert.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    if embodiment.action_space == "ee_delta":
+        # Bridge-like statistics: up to 2 cm and 0.05 rad per step, binary gripper.
+        action = NormStats.identity(7)
+        action.q01 = [-0.02] * 3 + [-0.05] * 3 + [0.0]
+        action.q99 = [0.02] * 3 + [0.05] * 3 + [1.0]
+        action.binary = [6]
+        model.norm_stats[embodiment.normalization_key].action = action
     return save_checkpoint(model, root / "checkpoint")
 
 
@@ -66,40 +75,43 @@ def run_demo(timeout_s: float = 120.0) -> int:
     from std_msgs.msg import String
     from trajectory_msgs.msg import JointTrajectory
 
+    from .embodiment import Embodiment, config_dir
     from .ros.conversions import rgb_to_image
 
+    embodiment = Embodiment.load("widowx")
+    params_file = config_dir() / "widowx.yaml"
     with tempfile.TemporaryDirectory(prefix="twinbrain_demo_") as tmp:
         root = Path(tmp)
         print("[1/3] making a tiny random-weight checkpoint ...", flush=True)
-        checkpoint = make_demo_checkpoint(root)
+        checkpoint = make_demo_checkpoint(root, embodiment)
         env = dict(os.environ)
         env.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
         env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         env.setdefault("ROS_LOG_DIR", str(root / "ros_log"))
         os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
                                                 "ROS_LOG_DIR")})
-        print(f"[2/3] starting the policy node (ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}) ...",
-              flush=True)
-        joints = "[" + ",".join(f"'{j}'" for j in WIDOWX_JOINTS) + "]"
+        print(f"[2/3] starting the policy node with {params_file} "
+              f"(ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}) ...", flush=True)
         node_proc = subprocess.Popen(
             [sys.executable, "-m", "twinbrain_ros.ros.policy_node", "--ros-args",
-             "-p", f"checkpoint:={checkpoint}", "-p", "embodiment:=widowx",
-             "-p", f"joint_names:={joints}", "-p", "device:=cpu", "-p", "seed:=0",
-             "-p", "trajectory_topic:=/demo/joint_trajectory"],
+             "--params-file", str(params_file), "-p", f"checkpoint:={checkpoint}",
+             "-p", "device:=cpu", "-p", "seed:=0"],
             env=env, start_new_session=True)
         received: list[JointTrajectory] = []
         rclpy.init()
         node = rclpy.create_node("demo_inputs")
         try:
-            node.create_subscription(JointTrajectory, "/demo/joint_trajectory",
+            # Actuation is off by default: the node publishes on the dry-run topic.
+            node.create_subscription(JointTrajectory, embodiment.dry_run_topic,
                                      received.append, 10)
-            image_pub = node.create_publisher(Image, "/camera/image_raw", 10)
-            joint_pub = node.create_publisher(JointState, "/joint_states", 10)
-            text_pub = node.create_publisher(String, "/instruction", 10)
+            image_pub = node.create_publisher(Image, embodiment.image_topics[0], 10)
+            joint_pub = node.create_publisher(JointState, embodiment.joint_state_topic, 10)
+            text_pub = node.create_publisher(String, embodiment.instruction_topic, 10)
             image = synthetic_image()
-            # Joint states arrive with finger joints and in another order, as on the robot.
-            names = ["left_finger", "right_finger"] + WIDOWX_JOINTS[::-1]
-            positions = [0.01, -0.01] + [0.0, 0.1, -0.2, 0.3, 0.4, -0.1, 0.05][::-1]
+            # Joint states arrive with extra joints and in another order, as on the robot.
+            names = ["gripper", "right_finger"] + embodiment.joint_names[::-1]
+            state = [0.0, 0.1, -0.2, 0.0, 0.4, 0.0, 0.03]
+            positions = [0.0, -0.03] + state[::-1]
             print("[3/3] publishing camera, joint states and the instruction "
                   "'put the carrot on the plate' ...", flush=True)
             deadline = time.monotonic() + timeout_s
@@ -109,12 +121,16 @@ def run_demo(timeout_s: float = 120.0) -> int:
                     return 1
                 stamp = node.get_clock().now().to_msg()
                 image_pub.publish(rgb_to_image(image, stamp))
-                joint_pub.publish(JointState(name=names, position=positions))
+                joint_state = JointState(name=names, position=positions)
+                joint_state.header.stamp = stamp
+                joint_pub.publish(joint_state)
                 text_pub.publish(String(data="put the carrot on the plate"))
                 rclpy.spin_once(node, timeout_sec=0.2)
             if not received:
                 print(f"no trajectory within {timeout_s:.0f} s")
                 return 1
+            measured = dict(zip(embodiment.joint_names, state, strict=True))
+            print(f"\nmeasured joint state: {measured}")
             print_trajectory(received[0])
             return 0
         finally:

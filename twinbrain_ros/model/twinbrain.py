@@ -36,10 +36,12 @@ BRAIN_MODES = ("twin", "single")
 
 @dataclass
 class EmbodimentSpec:
-    """What the model needs to know of an embodiment: its state and action sizes."""
+    """What the model needs to know of an embodiment: its state and action spaces."""
 
     state_dim: int
     action_dim: int
+    action_space: str = "joint_position"   # or "ee_delta" (Bridge: xyz + rpy deltas, gripper)
+    state_space: str = "joint_position"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..embodiment import Embodiment
 from ..model.checkpoint import load_checkpoint
 
 
@@ -44,27 +45,49 @@ def resolve_device(device: str) -> torch.device:
 class PolicyRuntime:
     """Loads a TwinBrainVLA checkpoint and turns observations into action chunks."""
 
-    def __init__(self, checkpoint: str, embodiment: str, device: str = "auto",
+    def __init__(self, checkpoint: str, embodiment: Embodiment, device: str = "auto",
                  backbone_path: str | None = None, seed: int | None = None):
-        """Load the checkpoint on `device` (bf16 on CUDA, fp32 on CPU)."""
+        """Load the checkpoint on `device` (bf16 on CUDA, fp32 on CPU) and check it fits.
+
+        Raises:
+            ValueError: when the checkpoint has no entry for the embodiment's normalization key,
+                or its state/action spaces differ from the embodiment's.
+        """
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_checkpoint(checkpoint, device=self.device, dtype=dtype,
                                      backbone_path=backbone_path)
         self.model.eval()
-        if embodiment not in self.model.config.embodiments:
-            raise ValueError(f"checkpoint {checkpoint} has no embodiment {embodiment!r}; it has "
-                             f"{sorted(self.model.config.embodiments)}")
-        self.embodiment = embodiment
-        self.spec = self.model.config.embodiments[embodiment]
+        self.key = embodiment.normalization_key
+        self.spec = check_compatible(self.model.config.embodiments, embodiment, checkpoint)
         self.horizon = self.model.config.action_expert.horizon
         self.seed = seed
+        self.identity = {"checkpoint": str(checkpoint),
+                         "backbone": self.model.config.backbone_path,
+                         "backbone_type": self.model.right.model_type,
+                         "brain_mode": self.model.config.brain_mode,
+                         "embodiment_key": self.key}
 
     def infer(self, observation: Observation) -> ActionChunk:
         """Run the model on one observation; raises ValueError on unusable input."""
         start = time.perf_counter()
         actions = self.model.predict_action(observation.images, observation.instruction,
-                                            observation.state, self.embodiment, seed=self.seed)
-        if not np.isfinite(actions).all():
-            raise ValueError("the model returned non-finite actions")
+                                            observation.state, self.key, seed=self.seed)
         return ActionChunk(actions=actions, latency_s=time.perf_counter() - start)
+
+
+def check_compatible(specs: dict, embodiment: Embodiment, checkpoint: str):
+    """The checkpoint's spec for the embodiment, or a ValueError saying what differs."""
+    key = embodiment.normalization_key
+    if key not in specs:
+        raise ValueError(f"checkpoint {checkpoint} has no embodiment {key!r} (the "
+                         f"normalization_key of {embodiment.name}); it has {sorted(specs)}")
+    spec = specs[key]
+    wanted = {"action_space": embodiment.action_space, "state_space": embodiment.state_space,
+              "action_dim": embodiment.action_dim, "state_dim": embodiment.state_dim}
+    found = {name: getattr(spec, name) for name in wanted}
+    if found != wanted:
+        diff = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+        raise ValueError(f"checkpoint {checkpoint} does not fit embodiment {embodiment.name}: "
+                         f"(checkpoint, embodiment) differ in {diff}")
+    return spec

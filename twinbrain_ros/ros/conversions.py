@@ -82,20 +82,30 @@ def _duration(seconds: float) -> Duration:
     return Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
 
 
-def make_trajectory(joint_names: list[str], positions: np.ndarray, dt: float,
-                    velocities: np.ndarray | None = None) -> JointTrajectory:
-    """A JointTrajectory with one point per row of `positions`, `dt` seconds apart.
+def make_trajectory(joint_names: list[str], positions: np.ndarray, time_from_start,
+                    velocities: np.ndarray | None = None, stamp=None) -> JointTrajectory:
+    """A JointTrajectory with one point per row of `positions`.
 
-    The first point is at `dt` (the current position is where the robot already is); the header
-    stamp stays zero, which controllers read as "start now".
+    Args:
+        joint_names: names of the columns.
+        positions: (K, n) targets.
+        time_from_start: (K,) seconds, or one float `dt` meaning points at dt, 2 dt, ...
+        velocities: optional (K, n).
+        stamp: header stamp; None keeps it zero, which controllers read as "start now".
     """
+    positions = np.asarray(positions, dtype=np.float64)
+    times = np.asarray(time_from_start, dtype=np.float64)
+    if times.ndim == 0:
+        times = times * np.arange(1, len(positions) + 1)
     msg = JointTrajectory()
+    if stamp is not None:
+        msg.header.stamp = stamp
     msg.joint_names = list(joint_names)
     for i, row in enumerate(positions):
         point = JointTrajectoryPoint()
-        point.positions = [float(x) for x in row]
+        point.positions = row.tolist()
         if velocities is not None:
-            point.velocities = [float(x) for x in velocities[i]]
-        point.time_from_start = _duration((i + 1) * dt)
+            point.velocities = np.asarray(velocities[i], dtype=np.float64).tolist()
+        point.time_from_start = _duration(float(times[i]))
         msg.points.append(point)
     return msg

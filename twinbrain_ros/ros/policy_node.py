@@ -1,133 +1,205 @@
-"""The policy node: camera + joint states + instruction in, JointTrajectory out.
+"""The policy node: camera image(s) + joint states + instruction in, JointTrajectory out.
 
-Run with `ros2 run twinbrain_ros policy_node --ros-args -p checkpoint:=DIR ...` or
-`python -m twinbrain_ros.ros.policy_node --ros-args ...`.
+`ros2 launch twinbrain_ros policy.launch.py embodiment:=widowx checkpoint:=DIR`, or
+`ros2 run twinbrain_ros policy_node --ros-args --params-file config/widowx.yaml -p checkpoint:=DIR`
+(also `python -m twinbrain_ros.ros.policy_node --ros-args ...`).
 
-Subscription callbacks only store the latest messages; inference runs in a worker thread, so the
-node keeps receiving while the model runs. Each cycle takes the latest snapshot, skips it when an
-input is missing or older than `max_input_age_s`, and publishes the chunk as a trajectory at the
-control rate.
+Subscription callbacks only convert, check and store the latest messages; inference runs in a
+worker thread, so the node keeps receiving while the model runs. Every `actions_per_inference`
+control periods the worker takes the latest consistent snapshot and runs one
+`PolicyPipeline` cycle (model, inverse kinematics for end-effector actions, latency
+compensation, blending, safety). Trajectories go to the controller only when `enable_actuation`
+is true, otherwise to the dry-run topic. A failed cycle holds the robot where it is; stale or
+unsynchronised inputs produce no trajectory. `/diagnostics` reports latency, rate, rejected
+inputs by cause, the last error and the model's identity.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
+from dataclasses import fields
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
+from ..embodiment import Embodiment, EmbodimentError
+from ..policy.pipeline import ChunkRejected, PolicyPipeline
 from ..policy.runtime import Observation, PolicyRuntime
+from ..policy.scheduler import Trajectory
 from .conversions import InputError, image_to_rgb, joint_positions, make_trajectory
 
-_PARAMETERS = {
-    # name: (default, description)
+# Embodiment parameters come from the embodiment's YAML (config/<embodiment>.yaml): declared with
+# a type and no default, so a missing one is an error that names it.
+_EMBODIMENT_TYPES = {
+    "embodiment": Parameter.Type.STRING,
+    "joint_names": Parameter.Type.STRING_ARRAY,
+    "joint_lower_limits": Parameter.Type.DOUBLE_ARRAY,
+    "joint_upper_limits": Parameter.Type.DOUBLE_ARRAY,
+    "max_joint_step": Parameter.Type.DOUBLE_ARRAY,
+    "control_rate_hz": Parameter.Type.DOUBLE,
+    "action_space": Parameter.Type.STRING,
+    "state_space": Parameter.Type.STRING,
+    "normalization_key": Parameter.Type.STRING,
+    "gripper_joint": Parameter.Type.STRING,
+    "gripper_open_position": Parameter.Type.DOUBLE,
+    "gripper_closed_position": Parameter.Type.DOUBLE,
+    "image_topics": Parameter.Type.STRING_ARRAY,
+    "joint_state_topic": Parameter.Type.STRING,
+    "instruction_topic": Parameter.Type.STRING,
+    "trajectory_topic": Parameter.Type.STRING,
+    "gripper_topic": Parameter.Type.STRING,
+    "dry_run_topic": Parameter.Type.STRING,
+}
+_EMBODIMENT_OPTIONAL = {"normalization_key", "gripper_joint", "gripper_open_position",
+                        "gripper_closed_position", "gripper_topic", "state_space"}
+
+# Node parameters with defaults: name -> (default, description).
+_NODE_PARAMETERS = {
     "checkpoint": ("", "TwinBrainVLA checkpoint directory (required)"),
-    "backbone_path": ("", "override of the base Qwen-VL checkpoint directory stored in the "
-                          "checkpoint (empty: use the stored one)"),
-    "embodiment": ("widowx", "embodiment name in the checkpoint (selects state encoder and "
-                             "normalization statistics)"),
-    "joint_names": (["waist", "shoulder", "elbow", "forearm_roll", "wrist_angle",
-                     "wrist_rotate", "gripper"],
-                    "joints the model's state and actions refer to, in model order"),
-    "image_topic": ("/camera/image_raw", "sensor_msgs/Image camera topic"),
-    "joint_state_topic": ("/joint_states", "sensor_msgs/JointState topic"),
-    "instruction_topic": ("/instruction", "std_msgs/String language instruction topic"),
-    "trajectory_topic": ("/policy/joint_trajectory", "trajectory_msgs/JointTrajectory output"),
-    "control_rate_hz": (5.0, "rate of the actions in a chunk (time between trajectory points)"),
-    "inference_period_s": (0.5, "time between the starts of two inference cycles"),
-    "max_input_age_s": (1.0, "an image or joint state older than this is stale: no new "
-                             "trajectory is made from it"),
-    "device": ("auto", "torch device: auto, cpu, cuda or cuda:N"),
-    "seed": (-1, "seed of the flow-matching noise (-1: a fresh draw every chunk)"),
+    "backbone_path": ("", "override of the base Qwen-VL directory stored in the checkpoint"),
+    "device": ("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
+    "seed": (-1, "seed of the flow-matching noise; -1 draws fresh noise every chunk"),
+    "enable_actuation": (False, "publish to the controller topics; false sends every "
+                                "trajectory to dry_run_topic instead"),
+    "actions_per_inference": (4, "control periods executed from a chunk before the next one "
+                                 "is requested (the replanning period)"),
+    "blend_steps": (2, "points of a new chunk cross-faded with the executing plan"),
+    "max_input_age_s": (0.5, "an image or joint state older than this is stale"),
+    "max_sync_skew_s": (0.1, "largest allowed stamp difference between image(s) and joint state"),
+    "stamp_trajectories": (False, "stamp trajectories with the plan's start time instead of "
+                                  "zero (zero means 'start now' to the controller)"),
+    "diagnostics_period_s": (1.0, "period of /diagnostics messages"),
 }
 
 
 class PolicyNode(Node):
-    """Runs a TwinBrainVLA checkpoint on live topics."""
+    """Runs a TwinBrainVLA checkpoint on live topics (see the module docstring)."""
 
-    def __init__(self, runtime: PolicyRuntime | None = None):
-        """Declare parameters, load the model (unless given), and wire topics and the worker."""
-        super().__init__("policy_node")
-        for name, (default, description) in _PARAMETERS.items():
-            descriptor = ParameterDescriptor(description=description)
-            if isinstance(default, list):
-                descriptor.type = ParameterType.PARAMETER_STRING_ARRAY
-            self.declare_parameter(name, default, descriptor)
-        p = {name: self.get_parameter(name).value for name in _PARAMETERS}
-        self.joint_names = list(p["joint_names"])
-        self.dt = 1.0 / float(p["control_rate_hz"])
-        self.period = float(p["inference_period_s"])
-        self.max_age = float(p["max_input_age_s"])
+    def __init__(self, runtime=None, **node_kwargs):
+        """Declare parameters, load the model (unless `runtime` is given), wire the topics."""
+        super().__init__("policy_node", **node_kwargs)
+        self.embodiment = self._declare_embodiment()
+        p = {}
+        for name, (default, description) in _NODE_PARAMETERS.items():
+            self.declare_parameter(name, default, ParameterDescriptor(description=description))
+            p[name] = self.get_parameter(name).value
+        self.params = p
         if runtime is None:
             if not p["checkpoint"]:
                 raise ValueError("parameter 'checkpoint' is required (a checkpoint directory)")
-            seed = None if p["seed"] < 0 else int(p["seed"])
-            runtime = PolicyRuntime(p["checkpoint"], p["embodiment"], device=p["device"],
-                                    backbone_path=p["backbone_path"] or None, seed=seed)
+            runtime = PolicyRuntime(p["checkpoint"], self.embodiment, device=p["device"],
+                                    backbone_path=p["backbone_path"] or None,
+                                    seed=None if p["seed"] < 0 else int(p["seed"]))
         self.runtime = runtime
-        if runtime.spec.state_dim != len(self.joint_names):
-            raise ValueError(f"embodiment {runtime.embodiment!r} has state_dim "
-                             f"{runtime.spec.state_dim} but {len(self.joint_names)} joint_names")
-        if runtime.spec.action_dim != len(self.joint_names):
-            raise ValueError(f"embodiment {runtime.embodiment!r} has action_dim "
-                             f"{runtime.spec.action_dim} but {len(self.joint_names)} joint_names")
+        self.pipeline = PolicyPipeline(runtime, self.embodiment, blend_steps=p["blend_steps"])
+        self.period = self.embodiment.dt * max(1, int(p["actions_per_inference"]))
 
         self._lock = threading.Lock()
-        self._image = None          # (rgb array, monotonic receipt time)
-        self._joints = None         # (positions, monotonic receipt time)
+        emb = self.embodiment
+        self._images: dict[str, tuple] = {}     # topic -> (rgb, receipt time, stamp)
+        self._image_shapes: dict[str, tuple] = {}
+        self._joints = None                      # (positions, receipt time, stamp)
         self._instruction = None
-        self._logged_causes: dict[str, float] = {}
-        self.create_subscription(Image, p["image_topic"], self._on_image,
-                                 qos_profile_sensor_data)
-        self.create_subscription(JointState, p["joint_state_topic"], self._on_joints, 10)
-        self.create_subscription(String, p["instruction_topic"], self._on_instruction, 10)
-        self.publisher = self.create_publisher(JointTrajectory, p["trajectory_topic"], 10)
+        self.rejected = collections.Counter()
+        self._last_log: dict[str, float] = {}
+        self.last_error = ""
+        self.latencies = collections.deque(maxlen=200)
+        self.chunk_times = collections.deque(maxlen=200)
+        for topic in emb.image_topics:
+            self.create_subscription(Image, topic, lambda m, t=topic: self._on_image(t, m),
+                                     qos_profile_sensor_data)
+        self.create_subscription(JointState, emb.joint_state_topic, self._on_joints, 10)
+        self.create_subscription(String, emb.instruction_topic, self._on_instruction, 10)
+        actuate = bool(p["enable_actuation"])
+        self.arm_publisher = self.create_publisher(
+            JointTrajectory, emb.trajectory_topic if actuate else emb.dry_run_topic, 10)
+        self.gripper_publisher = None
+        if actuate and emb.gripper_topic and emb.gripper_joint:
+            self.gripper_publisher = self.create_publisher(JointTrajectory, emb.gripper_topic, 10)
+        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(float(p["diagnostics_period_s"]), self._publish_diagnostics)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="inference", daemon=True)
         self._worker.start()
+        output = (f"ACTUATION ENABLED on {emb.trajectory_topic}" if actuate
+                  else f"dry run on {emb.dry_run_topic}")
         self.get_logger().info(
-            f"policy node ready: embodiment {runtime.embodiment}, device {runtime.device}, "
-            f"publishing on {p['trajectory_topic']}")
+            f"policy node ready: embodiment {emb.name} ({emb.action_space}), {output}")
 
-    # -- callbacks: convert, check, store; never run the model here --------------------------
+    def _declare_embodiment(self) -> Embodiment:
+        values = {}
+        for name, kind in _EMBODIMENT_TYPES.items():
+            descriptor = ParameterDescriptor(description=_field_doc(name))
+            self.declare_parameter(name, kind, descriptor)
+            try:
+                values[name] = self.get_parameter(name).value
+            except ParameterUninitializedException:
+                pass  # optional ones keep the Embodiment default, required ones are named below
+        missing = sorted(set(_EMBODIMENT_TYPES) - _EMBODIMENT_OPTIONAL - set(values))
+        if missing:
+            raise ValueError(f"missing embodiment parameters {missing}: pass the embodiment's "
+                             "params file (--params-file config/<embodiment>.yaml)")
+        values["name"] = values.pop("embodiment")
+        try:
+            # Array parameters arrive as array.array or list: make them plain lists.
+            return Embodiment(**{k: v if isinstance(v, (str, int, float, bool)) else list(v)
+                                 for k, v in values.items()})
+        except EmbodimentError as error:
+            raise ValueError(str(error)) from error
 
-    def _reject(self, error: InputError) -> None:
-        """Log a rejected input, at most once per cause every 5 s."""
+    # -- callbacks: convert, check, store; the model never runs here -------------------------
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _reject(self, cause: str, message: str, level: str = "warning") -> None:
+        """Count a rejected input or cycle and log it at most once per cause every 5 s."""
+        self.rejected[cause] += 1
         now = time.monotonic()
-        if now - self._logged_causes.get(error.cause, -1e9) >= 5.0:
-            self._logged_causes[error.cause] = now
-            self.get_logger().warning(f"dropped input: {error}")
+        if now - self._last_log.get(cause, -1e9) >= 5.0:
+            self._last_log[cause] = now
+            getattr(self.get_logger(), level)(f"{message} [{cause}]")
 
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, topic: str, msg: Image) -> None:
         try:
             rgb = image_to_rgb(msg)
         except InputError as error:
-            self._reject(error)
+            self._reject(error.cause, f"dropped image on {topic}: {error}")
+            return
+        expected = self._image_shapes.setdefault(topic, rgb.shape)
+        if rgb.shape != expected:
+            self._reject("image_size_changed", f"dropped image on {topic}: size changed from "
+                                               f"{expected[1]}x{expected[0]} to "
+                                               f"{rgb.shape[1]}x{rgb.shape[0]}")
             return
         with self._lock:
-            self._image = (rgb, time.monotonic())
+            self._images[topic] = (rgb, self._now(), _stamp(msg))
 
     def _on_joints(self, msg: JointState) -> None:
         try:
-            positions = joint_positions(msg, self.joint_names)
+            positions = joint_positions(msg, self.embodiment.joint_names)
         except InputError as error:
-            self._reject(error)
+            self._reject(error.cause, f"dropped joint state: {error}")
             return
         with self._lock:
-            self._joints = (positions, time.monotonic())
+            self._joints = (positions, self._now(), _stamp(msg))
 
     def _on_instruction(self, msg: String) -> None:
         text = msg.data.strip()
         if not text:
-            self._reject(InputError("empty_instruction", "empty instruction ignored"))
+            self._reject("empty_instruction", "rejected an empty instruction")
             return
         with self._lock:
             previous, self._instruction = self._instruction, text
@@ -136,61 +208,140 @@ class PolicyNode(Node):
 
     # -- inference worker --------------------------------------------------------------------
 
-    def _snapshot(self) -> Observation | None:
+    def _snapshot(self):
+        """The latest consistent (observation, observation time), or None (cause counted)."""
         with self._lock:
-            image, joints, instruction = self._image, self._joints, self._instruction
-        if image is None or joints is None or instruction is None:
+            images = dict(self._images)
+            joints, instruction = self._joints, self._instruction
+        topics = self.embodiment.image_topics
+        if joints is None or instruction is None or any(t not in images for t in topics):
             return None
-        now = time.monotonic()
-        if now - image[1] > self.max_age or now - joints[1] > self.max_age:
-            self._reject(InputError("stale_input", "inputs older than max_input_age_s"))
+        now, max_age = self._now(), float(self.params["max_input_age_s"])
+        ages = [now - images[t][1] for t in topics] + [now - joints[1]]
+        if max(ages) > max_age:
+            self._reject("stale_input", f"inputs are {max(ages):.2f} s old (max_input_age_s "
+                                        f"{max_age}): no new trajectory")
             return None
-        return Observation(images=[image[0]], state=joints[0], instruction=instruction)
+        stamps = [images[t][2] for t in topics] + [joints[2]]
+        if all(s > 0 for s in stamps):
+            skew = max(stamps) - min(stamps)
+            if skew > float(self.params["max_sync_skew_s"]):
+                self._reject("unsynchronised_input", f"image and joint state stamps differ by "
+                                                     f"{skew:.3f} s: no new trajectory")
+                return None
+        observation = Observation(images=[images[t][0] for t in topics], state=joints[0],
+                                  instruction=instruction)
+        return observation, joints[1]
 
     def _run(self) -> None:
         while not self._stop.is_set():
             start = time.monotonic()
-            observation = self._snapshot()
-            if observation is not None:
-                self._cycle(observation)
+            snapshot = self._snapshot()
+            if snapshot is not None:
+                self._cycle(*snapshot)
             self._stop.wait(max(0.0, self.period - (time.monotonic() - start)))
 
-    def _cycle(self, observation: Observation) -> None:
+    def _cycle(self, observation: Observation, observation_time: float) -> None:
         try:
-            chunk = self.runtime.infer(observation)
-        except Exception as error:  # noqa: BLE001 - the node must stay up and keep still
-            self.get_logger().error(f"inference failed, no trajectory published: {error}")
+            result = self.pipeline.cycle(observation, observation_time, self._now)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the robot must hold still
+            cause = getattr(error, "cause", "inference_error")
+            self.last_error = f"{cause}: {error}"
+            level = "warning" if isinstance(error, ChunkRejected) else "error"
+            self._reject(cause, f"holding position: {error}", level=level)
+            self._publish(self.pipeline.hold(observation.state, self._now()))
             return
-        positions = chunk.actions.astype(np.float64)
-        previous = np.vstack([observation.state[None], positions[:-1]])
-        velocities = (positions - previous) / self.dt
-        self.publisher.publish(make_trajectory(self.joint_names, positions, self.dt, velocities))
+        self.latencies.append(result.chunk.latency_s)
+        self.chunk_times.append(time.monotonic())
+        if result.dropped_actions:
+            self.rejected["late_actions_dropped"] += result.dropped_actions
+        self._publish(result.trajectory)
+
+    def _publish(self, trajectory: Trajectory) -> None:
+        emb = self.embodiment
+        stamp = None
+        if self.params["stamp_trajectories"]:
+            stamp = rclpy.time.Time(seconds=trajectory.start_time).to_msg()
+        dt = trajectory.time_from_start
+        if self.gripper_publisher is not None:
+            g = emb.joint_names.index(emb.gripper_joint)
+            arm = [i for i in range(len(emb.joint_names)) if i != g]
+            self.arm_publisher.publish(make_trajectory(
+                [emb.joint_names[i] for i in arm], trajectory.positions[:, arm], dt,
+                trajectory.velocities[:, arm], stamp=stamp))
+            self.gripper_publisher.publish(make_trajectory(
+                [emb.gripper_joint], trajectory.positions[:, [g]], dt,
+                trajectory.velocities[:, [g]], stamp=stamp))
+        else:
+            self.arm_publisher.publish(make_trajectory(
+                emb.joint_names, trajectory.positions, dt, trajectory.velocities, stamp=stamp))
+
+    # -- diagnostics ---------------------------------------------------------------------------
+
+    def _publish_diagnostics(self) -> None:
+        status = DiagnosticStatus(name="twinbrain_ros: policy_node",
+                                  hardware_id=str(self.params["checkpoint"]))
+        values = {}
+        if self.latencies:
+            lat = np.asarray(self.latencies) * 1000.0
+            values["inference_latency_median_ms"] = f"{np.median(lat):.1f}"
+            values["inference_latency_p95_ms"] = f"{np.percentile(lat, 95):.1f}"
+        recent = [t for t in self.chunk_times if time.monotonic() - t <= 10.0]
+        values["achieved_rate_hz"] = f"{len(recent) / 10.0:.2f}"
+        values["chunks_total"] = str(len(self.latencies))
+        for cause, count in sorted(self.rejected.items()):
+            values[f"rejected.{cause}"] = str(count)
+        values["last_error"] = self.last_error
+        values["actuation_enabled"] = str(bool(self.params["enable_actuation"]))
+        values["embodiment"] = self.embodiment.name
+        for key, value in getattr(self.runtime, "identity", {}).items():
+            values[f"model.{key}"] = str(value)
+        status.level = DiagnosticStatus.OK
+        status.message = "running"
+        if self.last_error:
+            status.level, status.message = DiagnosticStatus.WARN, self.last_error[:200]
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics_publisher.publish(array)
 
     def destroy_node(self) -> None:
         """Stop the worker before the node goes away."""
         self._stop.set()
-        self._worker.join(timeout=5.0)
+        self._worker.join(timeout=10.0)
         super().destroy_node()
+
+
+def _stamp(msg) -> float:
+    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+
+
+def _field_doc(name: str) -> str:
+    known = {f.name for f in fields(Embodiment)}
+    key = "name" if name == "embodiment" else name
+    return (f"embodiment description field '{key}' (see twinbrain_ros.embodiment.Embodiment)"
+            if key in known else name)
 
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of `ros2 run twinbrain_ros policy_node`."""
     rclpy.init(args=args)
     node = None
+    code = 0
     try:
         node = PolicyNode()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ValueError as error:
-        print(f"policy_node: {error}")
-        return 1
+        print(f"policy_node: {error}", flush=True)
+        code = 1
     finally:
         if node is not None:
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Launch the TwinBrainVLA policy node for one embodiment.
+
+    ros2 launch twinbrain_ros policy.launch.py embodiment:=widowx checkpoint:=/path/to/ckpt
+    ros2 launch twinbrain_ros policy.launch.py embodiment:=gr1 checkpoint:=/path/to/ckpt \
+        device:=cuda enable_actuation:=true
+
+Parameters come from `params_file` (by default the package's `config/<embodiment>.yaml`), then
+the launch arguments below override `checkpoint`, `device`, `use_sim_time` and
+`enable_actuation`. Without `checkpoint` the node exits with "parameter 'checkpoint' is
+required". Trajectories go to the dry-run topic unless `enable_actuation:=true`.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, TextSubstitution
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+from launch_ros.substitutions import FindPackageShare
+
+PACKAGE = "twinbrain_ros"
+
+
+def generate_launch_description():
+    embodiment = LaunchConfiguration("embodiment")
+    return LaunchDescription([
+        DeclareLaunchArgument(
+            "embodiment", default_value="widowx", choices=["widowx", "gr1"],
+            description="robot: widowx (WidowX 250, Bridge) or gr1 (Fourier GR1 arms)"),
+        DeclareLaunchArgument(
+            "checkpoint", default_value="",
+            description="TwinBrainVLA checkpoint directory (required)"),
+        DeclareLaunchArgument(
+            "params_file",
+            # <share>/twinbrain_ros/config/<embodiment>.yaml
+            default_value=[PathJoinSubstitution([FindPackageShare(PACKAGE), "config", embodiment]),
+                           TextSubstitution(text=".yaml")],
+            description="policy_node parameter file (embodiment description and defaults)"),
+        DeclareLaunchArgument(
+            "device", default_value="auto",
+            description="torch device: auto, cpu, cuda or cuda:N"),
+        DeclareLaunchArgument(
+            "use_sim_time", default_value="false",
+            description="use the /clock topic (simulation) instead of the wall clock"),
+        DeclareLaunchArgument(
+            "enable_actuation", default_value="false",
+            description="publish to the robot's controller topics; false publishes every "
+                        "trajectory to the dry-run topic instead"),
+        Node(
+            package=PACKAGE,
+            executable="policy_node",
+            name="policy_node",
+            output="screen",
+            emulate_tty=True,
+            parameters=[
+                LaunchConfiguration("params_file"),
+                {
+                    "checkpoint": ParameterValue(LaunchConfiguration("checkpoint"),
+                                                 value_type=str),
+                    "device": ParameterValue(LaunchConfiguration("device"), value_type=str),
+                    "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"),
+                                                   value_type=bool),
+                    "enable_actuation": ParameterValue(LaunchConfiguration("enable_actuation"),
+                                                       value_type=bool),
+                },
+            ],
+        ),
+    ])

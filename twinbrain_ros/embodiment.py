@@ -1,0 +1,182 @@
+"""Embodiment descriptions: one YAML file per robot in `config/`, read by every layer.
+
+A description is a ROS 2 parameter file (`policy_node: ros__parameters: ...`) so that the same
+file configures the policy node (`--params-file config/widowx.yaml`) and, through this module,
+the policy runtime, training and simulation code without ROS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ACTION_SPACES = ("joint_position", "ee_delta")
+STATE_SPACES = ("joint_position",)
+PACKAGE = "twinbrain_ros"
+NODE_SECTION = "policy_node"
+
+
+class EmbodimentError(ValueError):
+    """An embodiment description is missing or inconsistent."""
+
+
+@dataclass
+class Embodiment:
+    """What every layer needs to know about one robot.
+
+    Attributes:
+        name: embodiment name (also the default normalization key).
+        joint_names: joints of the model's state and (joint-space) actions, in model order.
+        joint_lower_limits, joint_upper_limits: position limits, same order.
+        max_joint_step: largest allowed change of each joint per control step.
+        control_rate_hz: rate of the actions in a chunk.
+        action_space: "joint_position" (absolute targets) or "ee_delta" (Bridge-style
+            end-effector deltas + gripper, converted to joints by inverse kinematics).
+        state_space: how the state is measured ("joint_position").
+        normalization_key: the checkpoint entry (state encoder + statistics) to use.
+        gripper_joint: the gripper joint in `joint_names` ("" if none).
+        gripper_open_position, gripper_closed_position: joint values of a binary gripper.
+        image_topics, joint_state_topic, instruction_topic: default input topics.
+        trajectory_topic: the JointTrajectoryController topic of the arm.
+        gripper_topic: a separate gripper controller topic ("" puts the gripper in the arm
+            trajectory).
+        dry_run_topic: where trajectories go while actuation is disabled.
+    """
+
+    name: str
+    joint_names: list[str]
+    joint_lower_limits: list[float]
+    joint_upper_limits: list[float]
+    max_joint_step: list[float]
+    control_rate_hz: float
+    action_space: str = "joint_position"
+    state_space: str = "joint_position"
+    normalization_key: str = ""
+    gripper_joint: str = ""
+    gripper_open_position: float = 0.0
+    gripper_closed_position: float = 0.0
+    image_topics: list[str] = field(default_factory=lambda: ["/camera/image_raw"])
+    joint_state_topic: str = "/joint_states"
+    instruction_topic: str = "/instruction"
+    trajectory_topic: str = "/joint_trajectory_controller/joint_trajectory"
+    gripper_topic: str = ""
+    dry_run_topic: str = "/policy/dry_run/joint_trajectory"
+
+    def __post_init__(self):
+        """Check sizes, limits and names; default the normalization key to the name."""
+        self.normalization_key = self.normalization_key or self.name
+        n = len(self.joint_names)
+        if n == 0 or len(set(self.joint_names)) != n:
+            raise EmbodimentError(f"{self.name}: joint_names must be non-empty and unique")
+        for key in ("joint_lower_limits", "joint_upper_limits", "max_joint_step"):
+            if len(getattr(self, key)) != n:
+                raise EmbodimentError(f"{self.name}: {key} has {len(getattr(self, key))} values "
+                                      f"for {n} joints")
+        if np.any(self.lower >= self.upper):
+            raise EmbodimentError(f"{self.name}: a lower joint limit is not below its upper")
+        if np.any(self.max_step <= 0):
+            raise EmbodimentError(f"{self.name}: max_joint_step values must be positive")
+        if self.control_rate_hz <= 0:
+            raise EmbodimentError(f"{self.name}: control_rate_hz must be positive")
+        if self.action_space not in ACTION_SPACES:
+            raise EmbodimentError(f"{self.name}: action_space {self.action_space!r} is not one "
+                                  f"of {ACTION_SPACES}")
+        if self.state_space not in STATE_SPACES:
+            raise EmbodimentError(f"{self.name}: state_space {self.state_space!r} is not one "
+                                  f"of {STATE_SPACES}")
+        if self.gripper_joint and self.gripper_joint not in self.joint_names:
+            raise EmbodimentError(f"{self.name}: gripper_joint {self.gripper_joint!r} is not in "
+                                  "joint_names")
+        if not self.image_topics:
+            raise EmbodimentError(f"{self.name}: at least one image topic is needed")
+
+    @property
+    def lower(self) -> np.ndarray:
+        """Lower joint limits as an array."""
+        return np.asarray(self.joint_lower_limits, dtype=np.float64)
+
+    @property
+    def upper(self) -> np.ndarray:
+        """Upper joint limits as an array."""
+        return np.asarray(self.joint_upper_limits, dtype=np.float64)
+
+    @property
+    def max_step(self) -> np.ndarray:
+        """Largest change per control step as an array."""
+        return np.asarray(self.max_joint_step, dtype=np.float64)
+
+    @property
+    def dt(self) -> float:
+        """Control period in seconds."""
+        return 1.0 / self.control_rate_hz
+
+    @property
+    def state_dim(self) -> int:
+        """Size of the model's state vector."""
+        return len(self.joint_names)
+
+    @property
+    def action_dim(self) -> int:
+        """Size of the model's action vector."""
+        if self.action_space == "ee_delta":
+            return 7  # xyz + roll/pitch/yaw deltas + binary gripper
+        return len(self.joint_names)
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> Embodiment:
+        """Build from a `ros__parameters` mapping; keys of the node that are not ours are ignored.
+
+        Raises:
+            EmbodimentError: naming missing keys.
+        """
+        names = {f.name for f in fields(cls)}
+        data = {k: v for k, v in params.items() if k in names}
+        if "name" not in data and "embodiment" in params:
+            data["name"] = params["embodiment"]
+        required = {f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise EmbodimentError(f"embodiment description lacks {missing}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Embodiment:
+        """Read an embodiment description (a policy_node parameter file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise EmbodimentError(f"embodiment description {path} does not exist")
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+            params = document[NODE_SECTION]["ros__parameters"]
+        except (yaml.YAMLError, KeyError, TypeError) as exc:
+            raise EmbodimentError(f"{path}: expected '{NODE_SECTION}: ros__parameters:' "
+                                  f"({exc})") from exc
+        return cls.from_parameters(params)
+
+    @classmethod
+    def load(cls, name: str) -> Embodiment:
+        """Load `config/<name>.yaml` from the installed package share or the source tree."""
+        return cls.from_yaml(config_dir() / f"{name}.yaml")
+
+
+def config_dir() -> Path:
+    """The package's config directory: the ament share directory if installed, else the repo's."""
+    try:
+        from ament_index_python.packages import (
+            PackageNotFoundError,
+            get_package_share_directory,
+        )
+
+        try:
+            shared = Path(get_package_share_directory(PACKAGE)) / "config"
+            if shared.is_dir():
+                return shared
+        except (PackageNotFoundError, OSError):  # not installed, or no AMENT_PREFIX_PATH
+            pass
+    except ImportError:
+        pass
+    return Path(__file__).resolve().parent.parent / "config"

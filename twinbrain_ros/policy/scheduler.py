@@ -1,0 +1,137 @@
+"""Action-chunk scheduling and the safety filter, on plain NumPy arrays and seconds.
+
+A chunk's action i is meant for `observation_time + (i + 1) * dt`. By the time the chunk is
+ready, some of those times have passed: they are dropped (latency compensation). The rest is
+blended into the plan being executed, so that the commanded position and velocity are continuous
+where the new chunk takes over, and then passed through the safety filter (joint limits, largest
+step per control period, finiteness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Plan:
+    """Joint targets at absolute times (seconds on the node's clock)."""
+
+    times: np.ndarray       # (K,) strictly increasing
+    positions: np.ndarray   # (K, n)
+
+    def position_at(self, t: float) -> np.ndarray | None:
+        """Linearly interpolated target at time `t`, None outside the plan's span."""
+        if len(self.times) == 0 or t < self.times[0] or t > self.times[-1]:
+            return None
+        k = int(np.searchsorted(self.times, t))
+        if k == 0:
+            return self.positions[0].copy()
+        t0, t1 = self.times[k - 1], self.times[k]
+        w = (t - t0) / (t1 - t0)
+        return (1 - w) * self.positions[k - 1] + w * self.positions[k]
+
+    def velocities(self, start_time: float, start_position: np.ndarray) -> np.ndarray:
+        """Velocities at the plan's points: central differences, anchored at the start."""
+        times = np.concatenate([[start_time], self.times])
+        points = np.vstack([start_position[None], self.positions])
+        return np.gradient(points, times, axis=0)[1:]
+
+
+@dataclass
+class Trajectory:
+    """What the node publishes: points relative to `start_time`."""
+
+    joint_names: list[str]
+    start_time: float
+    time_from_start: np.ndarray  # (K,)
+    positions: np.ndarray        # (K, n)
+    velocities: np.ndarray       # (K, n)
+
+
+class SafetyFilter:
+    """Joint limits, largest change per control step, and finiteness."""
+
+    def __init__(self, lower: np.ndarray, upper: np.ndarray, max_step: np.ndarray, dt: float):
+        """Limits in joint units; `max_step` is per control period `dt`."""
+        self.lower, self.upper = np.asarray(lower, float), np.asarray(upper, float)
+        self.max_step, self.dt = np.asarray(max_step, float), dt
+
+    def apply(self, plan: Plan, start_time: float, start_position: np.ndarray) -> Plan:
+        """Clip every target to the limits and to a reachable step from the previous target.
+
+        Raises:
+            ValueError: if any target is non-finite (the caller must hold still).
+        """
+        if not np.isfinite(plan.positions).all():
+            raise ValueError("non-finite joint targets")
+        positions = np.clip(plan.positions, self.lower, self.upper)
+        previous, previous_time = np.asarray(start_position, float), start_time
+        for k, t in enumerate(plan.times):
+            limit = self.max_step * max(t - previous_time, 0.0) / self.dt
+            positions[k] = previous + np.clip(positions[k] - previous, -limit, limit)
+            previous, previous_time = positions[k], t
+        return Plan(plan.times.copy(), positions)
+
+
+class ActionChunkScheduler:
+    """Merges each new chunk into the executing plan (drop the past, blend, keep the rest)."""
+
+    def __init__(self, dt: float, blend_steps: int = 3):
+        """`dt`: control period; `blend_steps`: new points cross-faded with the old plan."""
+        if dt <= 0:
+            raise ValueError("dt must be positive")
+        self.dt = dt
+        self.blend_steps = max(int(blend_steps), 0)
+        self.plan: Plan | None = None
+
+    def reset(self) -> None:
+        """Forget the executing plan (after a hold or a new instruction)."""
+        self.plan = None
+
+    def commanded_position(self, now: float) -> np.ndarray | None:
+        """Where the executing plan has the robot at `now` (None if no plan covers it)."""
+        return None if self.plan is None else self.plan.position_at(now)
+
+    def merge(self, positions: np.ndarray, observation_time: float, now: float) -> Plan | None:
+        """The plan from a new chunk of joint targets; None if all of it is already past."""
+        positions = np.asarray(positions, dtype=np.float64)
+        times = observation_time + self.dt * np.arange(1, len(positions) + 1)
+        keep = times > now
+        if not keep.any():
+            return None
+        times, positions = times[keep], positions[keep].copy()
+        if self.plan is not None:
+            for j in range(min(self.blend_steps, len(times))):
+                old = self.plan.position_at(times[j])
+                if old is None:
+                    break
+                # Cosine ramp: starts with zero slope, so the velocity is continuous too.
+                w = 0.5 - 0.5 * np.cos(np.pi * (j + 1) / (self.blend_steps + 1))
+                positions[j] = (1 - w) * old + w * positions[j]
+        return Plan(times, positions)
+
+    def commit(self, plan: Plan) -> None:
+        """Make `plan` the executing plan."""
+        self.plan = plan
+
+    def trajectory(self, joint_names: list[str], now: float, start_position: np.ndarray
+                   ) -> Trajectory:
+        """The executing plan from `now` on, with velocities, ready to publish."""
+        plan = self.plan
+        future = plan.times > now
+        remaining = Plan(plan.times[future], plan.positions[future])
+        return Trajectory(joint_names=list(joint_names), start_time=now,
+                          time_from_start=remaining.times - now,
+                          positions=remaining.positions,
+                          velocities=remaining.velocities(now, start_position))
+
+
+def hold_trajectory(joint_names: list[str], now: float, position: np.ndarray, dt: float
+                    ) -> Trajectory:
+    """A one-point trajectory that keeps the robot where it is."""
+    position = np.asarray(position, dtype=np.float64)
+    return Trajectory(joint_names=list(joint_names), start_time=now,
+                      time_from_start=np.array([dt]), positions=position[None].copy(),
+                      velocities=np.zeros((1, len(position))))
