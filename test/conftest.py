@@ -105,34 +105,20 @@ def ros_env(tmp_path_factory):
 
 def save_policy_checkpoint(backbone_path: str, out, embodiment, nan_weights: bool = False,
                            seed: int = 0):
-    """A tiny TwinBrainVLA checkpoint for an `Embodiment` (perturbed so outputs vary).
+    """A tiny TwinBrainVLA checkpoint for an `Embodiment`.
 
     `nan_weights=True` writes a checkpoint whose action expert outputs NaN (a corrupt model).
     """
-    from twinbrain_ros.model.checkpoint import save_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from twinbrain_ros.model.tiny import make_tiny_policy_checkpoint
 
     spec = EmbodimentSpec(state_dim=embodiment.state_dim, action_dim=embodiment.action_dim,
                           action_space=embodiment.action_space)
-    expert = ActionExpertConfig(action_dim=embodiment.action_dim, horizon=8, hidden_size=32,
-                                num_layers=2, num_heads=2)
-    config = TwinBrainConfig(backbone_path=backbone_path,
-                             embodiments={embodiment.normalization_key: spec},
-                             max_state_dim=max(8, embodiment.state_dim), image_size=(56, 56),
-                             action_expert=expert)
-    torch.manual_seed(seed)
-    model = TwinBrainVLA.from_backbone(config)
-    with torch.no_grad():
-        for p in model.action_expert.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        if nan_weights:
-            model.action_expert.final_layer.proj.bias.fill_(float("nan"))
-    if embodiment.action_space == "ee_delta":
-        from twinbrain_ros.model.normalization import NormStats
-
-        # Bridge-like statistics: up to 2 cm and 0.05 rad per step, binary gripper.
-        action = NormStats.identity(7)
-        action.q01 = [-0.02] * 3 + [-0.05] * 3 + [0.0]
-        action.q99 = [0.02] * 3 + [0.05] * 3 + [1.0]
-        action.binary = [6]
-        model.norm_stats[embodiment.normalization_key].action = action
-    return save_checkpoint(model, out)
+    path = make_tiny_policy_checkpoint(backbone_path, out, embodiment.normalization_key, spec,
+                                       seed=seed)
+    if nan_weights:
+        weights = load_file(path / "model.safetensors")
+        weights["action_expert.final_layer.proj.bias"].fill_(float("nan"))
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path

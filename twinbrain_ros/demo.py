@@ -29,35 +29,14 @@ import numpy as np
 
 def make_demo_checkpoint(root: Path, embodiment) -> Path:
     """A tiny twin-brain checkpoint for `embodiment` (random weights)."""
-    import torch
-
-    from .model.action_expert import ActionExpertConfig
-    from .model.checkpoint import save_checkpoint
-    from .model.normalization import NormStats
-    from .model.tiny import make_tiny_checkpoint
-    from .model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA
+    from .model.tiny import make_tiny_checkpoint, make_tiny_policy_checkpoint
+    from .model.twinbrain import EmbodimentSpec
 
     backbone = make_tiny_checkpoint("qwen3_vl", root / "backbone")
     spec = EmbodimentSpec(state_dim=embodiment.state_dim, action_dim=embodiment.action_dim,
                           action_space=embodiment.action_space)
-    config = TwinBrainConfig(
-        backbone_path=str(backbone), brain_mode="twin",
-        embodiments={embodiment.normalization_key: spec}, image_size=(112, 112),
-        action_expert=ActionExpertConfig(action_dim=embodiment.action_dim, horizon=8,
-                                         hidden_size=64, num_layers=4, num_heads=4))
-    torch.manual_seed(0)
-    model = TwinBrainVLA.from_backbone(config)
-    with torch.no_grad():  # stand-in for training, so that the output is not pure noise
-        for p in model.action_expert.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    if embodiment.action_space == "ee_delta":
-        # Bridge-like statistics: up to 2 cm and 0.05 rad per step, binary gripper.
-        action = NormStats.identity(7)
-        action.q01 = [-0.02] * 3 + [-0.05] * 3 + [0.0]
-        action.q99 = [0.02] * 3 + [0.05] * 3 + [1.0]
-        action.binary = [6]
-        model.norm_stats[embodiment.normalization_key].action = action
-    return save_checkpoint(model, root / "checkpoint")
+    return make_tiny_policy_checkpoint(backbone, root / "checkpoint",
+                                       embodiment.normalization_key, spec)
 
 
 def synthetic_image(height: int = 480, width: int = 640) -> np.ndarray:

@@ -94,6 +94,46 @@ def make_tiny_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def make_tiny_policy_checkpoint(backbone_path: str | Path, out: str | Path, key: str,
+                                spec, seed: int = 0, horizon: int = 8) -> Path:
+    """A tiny random-weight TwinBrainVLA checkpoint for one embodiment (demos and tests).
+
+    The action expert is perturbed away from its zero init so that the chunk depends on the
+    inputs. For `ee_delta` embodiments the action statistics are Bridge-like (up to 2 cm and
+    0.05 rad per step, binary gripper), so that the random deltas stay reachable.
+
+    Args:
+        backbone_path: a backbone checkpoint directory (see `make_tiny_checkpoint`).
+        out: output checkpoint directory.
+        key: the embodiment's normalization key.
+        spec: its `EmbodimentSpec`.
+        seed: weight seed.
+        horizon: actions per chunk.
+    """
+    from .action_expert import ActionExpertConfig
+    from .checkpoint import save_checkpoint
+    from .normalization import NormStats
+    from .twinbrain import TwinBrainConfig, TwinBrainVLA
+
+    expert = ActionExpertConfig(action_dim=spec.action_dim, horizon=horizon, hidden_size=32,
+                                num_layers=2, num_heads=2)
+    config = TwinBrainConfig(backbone_path=str(backbone_path), embodiments={key: spec},
+                             max_state_dim=max(8, spec.state_dim), image_size=(56, 56),
+                             action_expert=expert)
+    torch.manual_seed(seed)
+    model = TwinBrainVLA.from_backbone(config)
+    with torch.no_grad():
+        for p in model.action_expert.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if spec.action_space == "ee_delta":
+        action = NormStats.identity(spec.action_dim)
+        action.q01 = [-0.02] * 3 + [-0.05] * 3 + [0.0]
+        action.q99 = [0.02] * 3 + [0.05] * 3 + [1.0]
+        action.binary = [6]
+        model.norm_stats[key].action = action
+    return save_checkpoint(model, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -116,6 +116,7 @@ class PolicyNode(Node):
         self._last_log: dict[str, float] = {}
         self.last_error = ""
         self.latencies = collections.deque(maxlen=200)
+        self.cycles = collections.deque(maxlen=200)  # per-cycle timing records (clock seconds)
         self.chunk_times = collections.deque(maxlen=200)
         for topic in emb.image_topics:
             self.create_subscription(Image, topic, lambda m, t=topic: self._on_image(t, m),
@@ -231,7 +232,10 @@ class PolicyNode(Node):
                 return None
         observation = Observation(images=[images[t][0] for t in topics], state=joints[0],
                                   instruction=instruction)
-        return observation, joints[1]
+        # The newest receipt time and the joint state's stamp travel with the cycle's record.
+        inputs = {"received": max([images[t][1] for t in topics] + [joints[1]]),
+                  "joint_stamp": joints[2]}
+        return observation, joints[1], inputs
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -241,7 +245,8 @@ class PolicyNode(Node):
                 self._cycle(*snapshot)
             self._stop.wait(max(0.0, self.period - (time.monotonic() - start)))
 
-    def _cycle(self, observation: Observation, observation_time: float) -> None:
+    def _cycle(self, observation: Observation, observation_time: float, inputs: dict) -> None:
+        started = self._now()
         try:
             result = self.pipeline.cycle(observation, observation_time, self._now)
         except Exception as error:  # noqa: BLE001 - whatever failed, the robot must hold still
@@ -256,6 +261,11 @@ class PolicyNode(Node):
         if result.dropped_actions:
             self.rejected["late_actions_dropped"] += result.dropped_actions
         self._publish(result.trajectory)
+        # Time in the node beyond the model: snapshot, conversion, scheduling, safety, publish.
+        published = self._now()
+        overhead = published - started - result.chunk.latency_s
+        self.cycles.append({**inputs, "started": started, "model_s": result.chunk.latency_s,
+                            "published": published, "overhead_s": overhead})
 
     def _publish(self, trajectory: Trajectory) -> None:
         emb = self.embodiment
@@ -286,6 +296,9 @@ class PolicyNode(Node):
             lat = np.asarray(self.latencies) * 1000.0
             values["inference_latency_median_ms"] = f"{np.median(lat):.1f}"
             values["inference_latency_p95_ms"] = f"{np.percentile(lat, 95):.1f}"
+        if self.cycles:
+            overhead = np.asarray([c["overhead_s"] for c in self.cycles]) * 1000.0
+            values["cycle_overhead_median_ms"] = f"{np.median(overhead):.2f}"
         recent = [t for t in self.chunk_times if time.monotonic() - t <= 10.0]
         values["achieved_rate_hz"] = f"{len(recent) / 10.0:.2f}"
         values["chunks_total"] = str(len(self.latencies))
