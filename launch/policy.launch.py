@@ -1,8 +1,9 @@
 """Launch the TwinBrainVLA policy node for one embodiment.
 
     ros2 launch twinbrain_ros policy.launch.py embodiment:=widowx checkpoint:=/path/to/ckpt
-    ros2 launch twinbrain_ros policy.launch.py embodiment:=gr1 checkpoint:=/path/to/ckpt \
-        device:=cuda enable_actuation:=true
+    ros2 launch twinbrain_ros policy.launch.py embodiment:=gr1 checkpoint:=/path/to/ckpt
+        device:=cuda enable_actuation:=true    (one command line)
+    ros2 launch twinbrain_ros policy.launch.py --show-args
 
 Parameters come from `params_file` (by default the package's `config/<embodiment>.yaml`), then
 the launch arguments below override `checkpoint`, `device`, `use_sim_time` and
