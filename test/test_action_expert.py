@@ -204,7 +204,9 @@ def test_loss_matches_straight_path_definition():
     x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * clean
     with torch.no_grad():
         pred = expert(x_t, t, cond, cond_mask)
-        expected = ((pred - (clean - noise)) ** 2)[action_mask].mean()
+        sq = torch.where(action_mask, (pred - (clean - noise)) ** 2, 0.0)
+        # Mean over each sample's valid entries, then over the samples.
+        expected = (sq.sum(dim=(1, 2)) / action_mask.sum(dim=(1, 2))).mean()
         got = expert.loss(actions, action_mask, cond, cond_mask, noise=noise, t=t)
     assert torch.allclose(got, expected, rtol=1e-5)
 

@@ -244,3 +244,42 @@ def test_frozen_right_vision_shares_the_left_features(tiny_backbones):
     assert not any(n.startswith("right.vlm.visual") for n, _ in model.named_parameters())
     chunk = model.predict_action([camera_frame(0)], "go", np.zeros(5), "arm", seed=0)
     assert chunk.shape == (model.config.action_expert.horizon, 7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_backbones, family):
+    plain = build_model(tiny_backbones[family], seed=3).train()
+    checkpointed = build_model(tiny_backbones[family], seed=3).train()
+    checkpointed.enable_activation_checkpointing()
+    batch = make_batch(plain)
+    loss_plain = _loss(plain, batch)
+    loss_plain.backward()
+    loss_ckpt = _loss(checkpointed, batch)
+    loss_ckpt.backward()
+    assert torch.allclose(loss_plain, loss_ckpt, atol=1e-6)
+    grads = dict(checkpointed.named_parameters())
+    compared = 0
+    for name, p in plain.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, grads[name].grad, atol=1e-5), name
+            compared += 1
+    assert compared > 50
+
+
+def test_left_cache_is_not_grown_by_the_right_brain(tiny_backbones):
+    model = build_model(tiny_backbones["qwen3_vl"])
+    batch = make_batch(model)
+    inputs = batch["inputs"]
+    positions = model.right.rope_index(inputs)
+    image_embeds, deepstack = model.left.encode_images(inputs.pixel_values, inputs.image_grid_thw)
+    cache = model.left_cache(inputs, positions, image_embeds, deepstack)
+    length = cache.get_seq_length()
+    assert length == inputs.input_ids.shape[1]
+    with torch.no_grad():
+        for _ in range(2):
+            model.encode(inputs, batch["state"], batch["state_mask"], batch["embodiments"])
+            embeds = model.right.embed(inputs.input_ids, image_embeds)
+            model.right.decode(embeds, torch.cat([inputs.attention_mask] * 2, dim=1),
+                               positions, past_key_values=cache,
+                               visual_pos_masks=inputs.visual_mask, deepstack_embeds=deepstack)
+    assert cache.get_seq_length() == length

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .model.normalization import MODES as NORMALIZATION_MODES
+
 ACTION_SPACES = ("joint_position", "ee_delta")
 STATE_SPACES = ("joint_position",)
 PACKAGE = "twinbrain_ros"
@@ -37,6 +39,8 @@ class Embodiment:
             end-effector deltas + gripper, converted to joints by inverse kinematics).
         state_space: how the state is measured ("joint_position").
         normalization_key: the checkpoint entry (state encoder + statistics) to use.
+        action_normalization, state_normalization: statistics mode of actions / states
+            (`q01_q99`, `min_max` or `mean_std`, see `twinbrain_ros.model.normalization`).
         gripper_joint: the gripper joint in `joint_names` ("" if none).
         gripper_open_position, gripper_closed_position: joint values of a binary gripper.
         image_topics, joint_state_topic, instruction_topic: default input topics.
@@ -55,6 +59,8 @@ class Embodiment:
     action_space: str = "joint_position"
     state_space: str = "joint_position"
     normalization_key: str = ""
+    action_normalization: str = "q01_q99"
+    state_normalization: str = "q01_q99"
     gripper_joint: str = ""
     gripper_open_position: float = 0.0
     gripper_closed_position: float = 0.0
@@ -90,6 +96,10 @@ class Embodiment:
         if self.gripper_joint and self.gripper_joint not in self.joint_names:
             raise EmbodimentError(f"{self.name}: gripper_joint {self.gripper_joint!r} is not in "
                                   "joint_names")
+        for key in ("action_normalization", "state_normalization"):
+            if getattr(self, key) not in NORMALIZATION_MODES:
+                raise EmbodimentError(f"{self.name}: {key} {getattr(self, key)!r} is not one "
+                                      f"of {NORMALIZATION_MODES}")
         if not self.image_topics:
             raise EmbodimentError(f"{self.name}: at least one image topic is needed")
 
@@ -117,6 +127,15 @@ class Embodiment:
     def state_dim(self) -> int:
         """Size of the model's state vector."""
         return len(self.joint_names)
+
+    @property
+    def binary_action_dims(self) -> list[int]:
+        """Action dims that are a binary gripper (not scaled by the statistics).
+
+        Only Bridge-style end-effector actions have one (the last dim); in joint space the
+        gripper is a position like any joint.
+        """
+        return [6] if self.action_space == "ee_delta" else []
 
     @property
     def action_dim(self) -> int:

@@ -524,7 +524,8 @@ class FlowMatchingActionExpert(nn.Module):
             t: Optional fixed flow times ``(B,)``.
 
         Returns:
-            Float32 scalar: mean squared error over valid entries (0 if there are none).
+            Float32 scalar: the squared error averaged over each sample's valid entries, then
+            over the samples with any valid entry (0 if there are none).
         """
         mask = action_mask.to(device=actions.device, dtype=torch.bool).expand_as(actions)
         # Zero the padded entries so that whatever they contain cannot leak into x_t, and
@@ -547,7 +548,11 @@ class FlowMatchingActionExpert(nn.Module):
         # torch.where rather than multiplying by the mask: a non-finite padded prediction
         # would otherwise turn the loss into NaN.
         sq_err = torch.where(mask, (pred - target_velocity).square(), 0.0)
-        return sq_err.sum() / mask.sum().clamp_min(1)
+        # Mean per sample, then over the samples that have any valid entry: a batch split across
+        # data-parallel ranks then averages to the same loss as the whole batch.
+        per_sample = sq_err.sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp_min(1)
+        valid = mask.flatten(1).any(dim=1)
+        return per_sample.sum() / valid.sum().clamp_min(1)
 
     # ---------------------------------------------------------------------------- inference
 

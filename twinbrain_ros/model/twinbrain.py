@@ -105,6 +105,31 @@ class TwinBrainConfig:
         return cls(**data)
 
 
+class AsyMoTCache(DynamicCache):
+    """The Left Brain's per-layer K/V, written once and then only read by the Right Brain.
+
+    The Left pass fills it like any `DynamicCache`. After `freeze()`, `update` returns
+    concat(Left K/V, the Right layer's K/V) without storing anything, so the prefix never grows:
+    a replay of a Right layer under activation checkpointing, or a second Right pass, sees the
+    same Left K/V.
+    """
+
+    frozen = False
+
+    def freeze(self) -> AsyMoTCache:
+        """Stop storing; from now on `update` only concatenates."""
+        self.frozen = True
+        return self
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Store (while filling) or prepend the Left K/V (once frozen)."""
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        return (torch.cat([layer.keys, key_states], dim=-2),
+                torch.cat([layer.values, value_states], dim=-2))
+
+
 class StateEncoder(nn.Module):
     """MLP from a zero-padded proprioceptive state and its mask to one Right Brain token."""
 
@@ -182,6 +207,18 @@ class TwinBrainVLA(nn.Module):
             self.left.eval()
         return self
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the Right Brain's layer activations in backward instead of storing them.
+
+        Uses transformers' own gradient checkpointing on the Right Brain (vision blocks and
+        decoder layers). The decoder layers may keep `past_key_values` under checkpointing
+        because the Left K/V cache is read-only once frozen (see `AsyMoTCache`).
+        """
+        self.right.vlm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in self.right.vlm.language_model.layers:
+            layer._can_checkpoint_with_cache = True
+
     @property
     def device(self) -> torch.device:
         """Device of the trainable weights."""
@@ -213,14 +250,14 @@ class TwinBrainVLA(nn.Module):
         return tokens.unsqueeze(1)
 
     def left_cache(self, inputs: VisionLanguageInputs, positions: torch.Tensor,
-                   image_embeds: torch.Tensor, deepstack) -> DynamicCache:
-        """Run the frozen Left Brain's decoder; returns its per-layer K/V in a cache."""
+                   image_embeds: torch.Tensor, deepstack) -> AsyMoTCache:
+        """Run the frozen Left Brain's decoder; returns its per-layer K/V, frozen."""
         with torch.no_grad():
             embeds = self.left.embed(inputs.input_ids, image_embeds)
-            cache = DynamicCache(config=self.left.text_config)
+            cache = AsyMoTCache(config=self.left.text_config)
             self.left.decode(embeds, inputs.attention_mask, positions, past_key_values=cache,
                              visual_pos_masks=inputs.visual_mask, deepstack_embeds=deepstack)
-        return cache
+        return cache.freeze()
 
     def encode(self, inputs: VisionLanguageInputs, state: torch.Tensor, state_mask: torch.Tensor,
                embodiments: list[str], timer=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,12 +308,18 @@ class TwinBrainVLA(nn.Module):
 
     def compute_loss(self, inputs: VisionLanguageInputs, state: torch.Tensor,
                      state_mask: torch.Tensor, embodiments: list[str], actions: torch.Tensor,
-                     action_mask: torch.Tensor, generator: torch.Generator | None = None
+                     action_mask: torch.Tensor, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None, t: torch.Tensor | None = None
                      ) -> torch.Tensor:
-        """Flow-matching loss of normalized, padded action chunks (B, horizon, action_dim)."""
+        """Flow-matching loss of normalized, padded action chunks (B, horizon, action_dim).
+
+        `noise` and `t` may be given (e.g. drawn for the global batch so that a distributed
+        run sees exactly the draws of a single-process one); otherwise they come from
+        `generator`.
+        """
         hidden, mask = self.encode(inputs, state, state_mask, embodiments)
         return self.action_expert.loss(actions.to(hidden.dtype), action_mask, hidden, mask,
-                                       generator=generator)
+                                       generator=generator, noise=noise, t=t)
 
     forward = compute_loss
 

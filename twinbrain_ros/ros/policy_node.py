@@ -52,6 +52,8 @@ _EMBODIMENT_TYPES = {
     "action_space": Parameter.Type.STRING,
     "state_space": Parameter.Type.STRING,
     "normalization_key": Parameter.Type.STRING,
+    "action_normalization": Parameter.Type.STRING,
+    "state_normalization": Parameter.Type.STRING,
     "gripper_joint": Parameter.Type.STRING,
     "gripper_open_position": Parameter.Type.DOUBLE,
     "gripper_closed_position": Parameter.Type.DOUBLE,
@@ -62,7 +64,8 @@ _EMBODIMENT_TYPES = {
     "gripper_topic": Parameter.Type.STRING,
     "dry_run_topic": Parameter.Type.STRING,
 }
-_EMBODIMENT_OPTIONAL = {"normalization_key", "gripper_joint", "gripper_open_position",
+_EMBODIMENT_OPTIONAL = {"normalization_key", "action_normalization", "state_normalization",
+                        "gripper_joint", "gripper_open_position",
                         "gripper_closed_position", "gripper_topic", "state_space"}
 
 # Node parameters with defaults: name -> (default, description).
