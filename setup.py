@@ -31,6 +31,8 @@ setup(
             "policy_node = twinbrain_ros.ros.policy_node:main",
             "make_tiny_checkpoint = twinbrain_ros.model.tiny:main",
             "demo = twinbrain_ros.demo:main",
+            "train = twinbrain_ros.train:main",
+            "bag_to_dataset = twinbrain_ros.tools.bag_to_dataset:main",
         ],
     },
 )

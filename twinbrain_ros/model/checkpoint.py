@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,19 +50,22 @@ def trainable_state_dict(model: TwinBrainVLA) -> dict[str, torch.Tensor]:
             if not name.startswith("left.")}
 
 
-def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict | None = None
-                    ) -> Path:
+def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict | None = None,
+                    extra: Callable[[Path], None] | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint directory atomically.
 
     Files go to a temporary sibling directory first, which then replaces `directory` with a
     rename, so a crash leaves either the old complete checkpoint or the new one, never half.
+    `extra(tmp_dir)` may add files (e.g. the optimizer state) before the rename. `tensors`
+    replaces the model's own state dict (e.g. full tensors gathered from a sharded model).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         tensors = {k: v.detach().contiguous().cpu()
-                   for k, v in trainable_state_dict(model).items()}
+                   for k, v in (tensors or trainable_state_dict(model)).items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         backbone = read_backbone_config(model.config.backbone_path)
         config = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
@@ -70,6 +74,8 @@ def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict |
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         stats = {name: s.to_dict() for name, s in model.norm_stats.items()}
         (tmp / NORM_STATS_FILE).write_text(json.dumps(stats, indent=2))
+        if extra is not None:
+            extra(tmp)
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -135,6 +141,14 @@ def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
             return {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
+
+
+def load_trainable_weights(model: TwinBrainVLA, directory: str | Path) -> None:
+    """Load a checkpoint's weights into an already-built model of the same configuration."""
+    directory = Path(directory)
+    weights = _read_weights(directory / WEIGHTS_FILE, trainable_state_dict(model))
+    model.load_state_dict(weights, strict=False)
+    model.norm_stats = read_norm_stats(directory)
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",

@@ -214,8 +214,8 @@ class TwinBrainVLA(nn.Module):
         decoder layers). The decoder layers may keep `past_key_values` under checkpointing
         because the Left K/V cache is read-only once frozen (see `AsyMoTCache`).
         """
-        self.right.vlm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.right.vlm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
         for layer in self.right.vlm.language_model.layers:
             layer._can_checkpoint_with_cache = True
 

@@ -1,0 +1,189 @@
+"""Training: loss goes down, checkpoints load in the policy, DDP and resume are exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twinbrain_ros.embodiment import Embodiment
+from twinbrain_ros.model.backbone import load_vlm
+from twinbrain_ros.train import TrainConfig, checkpoint_dirs, load_config, train
+
+pytestmark = pytest.mark.slow
+GR1 = Embodiment.load("gr1")
+IMAGE_KEY = "observation.images.camera"
+
+
+@pytest.fixture(scope="module")
+def gr1_dataset(tmp_path_factory):
+    """Four short GR1 episodes whose actions depend on the image colour and the instruction."""
+    from twinbrain_ros.data.lerobot import LeRobotWriter
+
+    root = tmp_path_factory.mktemp("data") / "gr1"
+    writer = LeRobotWriter(root, fps=GR1.control_rate_hz, embodiment=GR1,
+                           image_keys=[IMAGE_KEY], version="v2.1", use_videos=False)
+    rng = np.random.default_rng(0)
+    for episode in range(4):
+        length = 10
+        side = 1.0 if episode % 2 else -1.0
+        image = np.zeros((length, 32, 32, 3), dtype=np.uint8)
+        image[..., 0 if side > 0 else 2] = 200
+        start = rng.uniform(-0.2, 0.2, GR1.state_dim)
+        steps = np.arange(length)[:, None]
+        state = np.clip(start + 0.02 * side * steps, GR1.lower, GR1.upper)
+        action = np.clip(state + 0.02 * side, GR1.lower, GR1.upper)
+        writer.add_episode({IMAGE_KEY: image}, state.astype(np.float32),
+                           action.astype(np.float32),
+                           task="reach right" if side > 0 else "reach left")
+    return writer.finalize()
+
+
+def _config(backbone, data, out, **overrides) -> TrainConfig:
+    values = dict(backbone_path=backbone, datasets=[{"path": str(data), "embodiment": "gr1"}],
+                  output_dir=str(out), horizon=4, image_size=[56, 56],
+                  action_expert={"hidden_size": 32, "num_layers": 2, "num_heads": 2},
+                  batch_size=4, steps=30, lr_right=1e-4, lr_expert=1e-3, warmup_steps=2,
+                  save_every=10, keep_last=2, num_workers=0, seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _overrides(config: TrainConfig) -> list[str]:
+    """The config as command-line key=value overrides."""
+    from dataclasses import asdict
+
+    return [f"{k}={json.dumps(v)}" for k, v in asdict(config).items()]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def _run(config: TrainConfig, nproc: int = 1, wait: bool = True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "twinbrain_ros.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "twinbrain_ros.train"]
+    proc = subprocess.Popen(cmd + _overrides(config), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_short_run_lowers_the_loss_and_the_policy_loads_it(tiny_backbones, gr1_dataset,
+                                                          tmp_path):
+    from twinbrain_ros.policy.runtime import Observation, PolicyRuntime
+
+    config = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "run", steps=100,
+                     lr_expert=3e-3, lr_right=3e-4, warmup_steps=5, save_every=25)
+    last = train(config)
+    assert last == checkpoint_dirs(config.output_dir)[-1]
+    # keep_last=2: older checkpoints are gone.
+    assert [p.name for p in checkpoint_dirs(config.output_dir)] == ["step_00000075",
+                                                                      "step_00000100"]
+    losses = torch.load(last / "training_state.pt", weights_only=False)["losses"]
+    assert len(losses) == 100
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10]), losses
+    assert (Path(config.output_dir) / "tensorboard").is_dir()
+
+    runtime = PolicyRuntime(str(last), GR1, device="cpu", seed=0)
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    chunk = runtime.infer(Observation(images=[image], state=np.zeros(GR1.state_dim),
+                                      instruction="reach left"))
+    assert chunk.actions.shape == (4, GR1.state_dim) and np.isfinite(chunk.actions).all()
+    # The statistics the policy uses are the ones computed from the training data.
+    assert runtime.model.norm_stats["gr1"].action.mode == "min_max"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_backbones, gr1_dataset,
+                                                            tmp_path, strategy):
+    one = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "one", steps=4,
+                  batch_size=4, save_every=4)
+    two = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "two", steps=4,
+                  batch_size=2, save_every=4, strategy=strategy)
+    _run(one)
+    _run(two, nproc=2)
+    a = _weights(checkpoint_dirs(one.output_dir)[-1])
+    b = _weights(checkpoint_dirs(two.output_dir)[-1])
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Training moved the Right Brain away from the backbone it started from.
+    base = load_vlm(tiny_backbones["qwen2_5_vl"]).state_dict()
+    moved = [n for n in base if not torch.equal(a[f"right.vlm.{n}"], base[n])]
+    assert len(moved) > len(base) // 2
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_backbones, gr1_dataset,
+                                                            tmp_path):
+    steps = 24
+    straight = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "straight",
+                       steps=steps, save_every=4)
+    killed = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "killed",
+                     steps=steps, save_every=4)
+    _run(straight)
+
+    proc = _run(killed, wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = checkpoint_dirs(killed.output_dir)
+        if done and int(done[-1].name.split("_")[1]) >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = int(checkpoint_dirs(killed.output_dir)[-1].name.split("_")[1])
+    assert 8 <= interrupted_at < steps
+
+    killed.resume = True
+    out = _run(killed)
+    assert "resuming from" in out and f"at step {interrupted_at}" in out
+    a = _weights(checkpoint_dirs(straight.output_dir)[-1])
+    b = _weights(checkpoint_dirs(killed.output_dir)[-1])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    la = torch.load(checkpoint_dirs(straight.output_dir)[-1] / "training_state.pt",
+                    weights_only=False)["losses"]
+    lb = torch.load(checkpoint_dirs(killed.output_dir)[-1] / "training_state.pt",
+                    weights_only=False)["losses"]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
+def test_dataset_problems_stop_before_the_first_step(tiny_backbones, gr1_dataset, tmp_path):
+    widowx_data = [{"path": str(gr1_dataset), "embodiment": "widowx"}]
+    config = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "bad",
+                     datasets=widowx_data)
+    with pytest.raises(ValueError, match="widowx"):
+        train(config)
+    assert checkpoint_dirs(config.output_dir) == []
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("steps: 10\naction_expert: {hidden_size: 64}\n")
+    config = load_config(str(path), ["steps=20", "action_expert.num_layers=3",
+                                     "datasets=[{path: /d, embodiment: gr1}]"])
+    assert config.steps == 20
+    assert config.action_expert == {"hidden_size": 64, "num_layers": 3}
+    assert config.datasets[0].embodiment == "gr1"
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        load_config(None, ["stepz=3"])
+    with pytest.raises(ValueError, match="strategy"):
+        load_config(None, ["strategy=horovod"])

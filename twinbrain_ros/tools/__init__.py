@@ -1,0 +1,1 @@
+"""Command-line tools (`ros2 run twinbrain_ros <tool>`)."""

@@ -1,0 +1,525 @@
+r"""Train TwinBrainVLA's Right Brain, state encoders and action expert on LeRobot datasets.
+
+    ros2 run twinbrain_ros train --config config/train.yaml backbone_path=/ckpt/Qwen3-VL-4B \
+        datasets='[{path: /data/bridge, embodiment: widowx}]' steps=40000
+    torchrun --nproc_per_node 8 -m twinbrain_ros.train --config my.yaml         # one node, 8 GPUs
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 -m twinbrain_ros.train --config my.yaml      # two nodes
+
+The Left Brain stays frozen and is never saved again (checkpoints point at the backbone). The
+only loss is flow matching. Data order and flow-matching noise are functions of (seed, step):
+a run resumed with `resume=true` from its newest complete checkpoint continues exactly as the
+uninterrupted run would, and N processes with per-process batch B see the same samples and
+noise as one process with batch N x B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .embodiment import Embodiment
+from .model.action_expert import ActionExpertConfig
+from .model.checkpoint import load_trainable_weights, save_checkpoint
+from .model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA
+
+STRATEGIES = ("ddp", "fsdp")
+TRAINING_STATE = "training_state.pt"
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class DatasetEntry:
+    """One LeRobot dataset of the training mixture."""
+
+    path: str
+    embodiment: str
+    weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; YAML file + `key=value` overrides (see `load_config`)."""
+
+    backbone_path: str = ""
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    output_dir: str = "runs/twinbrain"
+    brain_mode: str = "twin"
+    horizon: int = 16
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    action_expert: dict = field(default_factory=dict)  # ActionExpertConfig overrides
+    freeze_right_vision: bool = False
+    batch_size: int = 8             # per process
+    steps: int = 40000
+    lr_right: float = 1e-5          # Right Brain (paper: 1e-5)
+    lr_expert: float = 1e-4         # action expert and state encoders
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    activation_checkpointing: bool = False
+    strategy: str = "ddp"           # ddp | fsdp
+    num_workers: int = 2
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    resume: bool = False
+
+    def __post_init__(self):
+        """Coerce nested entries and check values."""
+        self.datasets = [d if isinstance(d, DatasetEntry) else DatasetEntry(**d)
+                         for d in self.datasets]
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision {self.precision!r} is not auto, bf16 or fp32")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError("batch_size and steps must be positive")
+
+
+def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
+    """Read the YAML config, then apply `key=value` overrides (values parsed as YAML).
+
+    Dotted keys reach into dicts, e.g. `action_expert.hidden_size=256`.
+    """
+    data: dict = {}
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        target = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown training config keys {unknown}")
+    return TrainConfig(**data)
+
+
+# -- distributed -----------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place in the run (torchrun's environment, or a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+class StepBatchSampler:
+    """Global batches as a function of the step: epoch-wise seeded permutations of the mixture.
+
+    Step s takes global positions [s G, (s + 1) G) of the concatenated epoch permutations
+    (G = world x batch); this process gets its contiguous slice of B = batch. Starting at a
+    later step reproduces exactly what an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, size: int, batch: int, dist: Dist, seed: int, start: int, stop: int):
+        """Sample indices < `size` for steps `start` .. `stop - 1`."""
+        self.size, self.batch, self.dist = size, batch, dist
+        self.seed, self.start, self.stop = seed, start, stop
+        self._epoch, self._order = None, None
+
+    def _position(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return int(self._order[offset])
+
+    def indices(self, step: int) -> list[int]:
+        """This process's sample indices at `step`."""
+        first = (step * self.dist.world + self.dist.rank) * self.batch
+        return [self._position(first + k) for k in range(self.batch)]
+
+    def __iter__(self):
+        """One batch of indices per step."""
+        for step in range(self.start, self.stop):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        """Number of steps."""
+        return self.stop - self.start
+
+
+class Collator:
+    """Samples -> processed model inputs with normalized, padded states and actions."""
+
+    def __init__(self, processor, norm_stats: dict, max_state_dim: int, max_action_dim: int):
+        """Use the model's processor and the run's normalization statistics."""
+        self.processor = processor
+        self.norm_stats = norm_stats
+        self.max_state_dim, self.max_action_dim = max_state_dim, max_action_dim
+
+    def __call__(self, samples: list[dict]) -> dict:
+        """Collate a list of dataset samples."""
+        inputs = self.processor([s["images"] for s in samples],
+                                [s["instruction"] for s in samples])
+        batch, horizon = len(samples), samples[0]["actions"].shape[0]
+        state = torch.zeros(batch, self.max_state_dim)
+        state_mask = torch.zeros(batch, self.max_state_dim)
+        actions = torch.zeros(batch, horizon, self.max_action_dim)
+        action_mask = torch.zeros(batch, horizon, self.max_action_dim, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            stats = self.norm_stats[s["embodiment"]]
+            st = stats.state.normalize(s["state"])
+            act = stats.action.normalize(s["actions"])
+            state[i, :len(st)] = torch.from_numpy(st)
+            state_mask[i, :len(st)] = 1.0
+            actions[i, :, :act.shape[1]] = torch.from_numpy(act)
+            action_mask[i, :, :act.shape[1]] = torch.from_numpy(
+                np.asarray(s["action_mask"], dtype=bool))[:, None]
+        return {"inputs": inputs, "state": state, "state_mask": state_mask,
+                "embodiments": [s["embodiment"] for s in samples], "actions": actions,
+                "action_mask": action_mask}
+
+
+def build_data(config: TrainConfig):
+    """The datasets (validated before any step), their mixture and statistics."""
+    from .data.lerobot import LeRobotDataset
+    from .data.stats import DatasetMixture, compute_norm_stats
+
+    if not config.datasets:
+        raise ValueError("no datasets: set datasets=[{path: ..., embodiment: widowx}]")
+    datasets = [LeRobotDataset(entry.path, horizon=config.horizon,
+                               embodiment=Embodiment.load(entry.embodiment))
+                for entry in config.datasets]
+    mixture = DatasetMixture(datasets, weights=[e.weight for e in config.datasets],
+                             seed=config.seed)
+    return datasets, mixture, compute_norm_stats(datasets)
+
+
+# -- model and optimisation ------------------------------------------------------------------
+
+
+def build_model(config: TrainConfig, datasets, norm_stats) -> TwinBrainVLA:
+    """A fresh TwinBrainVLA on the backbone with one state encoder per embodiment."""
+    embodiments = {}
+    for dataset in datasets:
+        emb = dataset.embodiment
+        embodiments[emb.normalization_key] = EmbodimentSpec(
+            state_dim=emb.state_dim, action_dim=emb.action_dim,
+            action_space=emb.action_space, state_space=emb.state_space)
+    expert = ActionExpertConfig(**{"action_dim": config.max_action_dim,
+                                   "horizon": config.horizon, **config.action_expert})
+    model_config = TwinBrainConfig(
+        backbone_path=config.backbone_path, brain_mode=config.brain_mode,
+        embodiments=embodiments, max_state_dim=config.max_state_dim,
+        image_size=tuple(config.image_size), freeze_right_vision=config.freeze_right_vision,
+        action_expert=expert)
+    model = TwinBrainVLA.from_backbone(model_config, dtype=torch.float32)
+    model.norm_stats = dict(norm_stats)
+    return model
+
+
+def build_optimizer(model: TwinBrainVLA, config: TrainConfig):
+    """AdamW with the Right Brain's and the expert's learning rates; cosine with warmup."""
+    right = [p for p in model.right.parameters() if p.requires_grad]
+    expert = [p for p in list(model.action_expert.parameters())
+              + list(model.state_encoders.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": right, "lr": config.lr_right}, {"params": expert, "lr": config.lr_expert}],
+        betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def flow_draws(config: TrainConfig, step: int, dist: Dist, model: TwinBrainVLA):
+    """This process's slice of the global batch's noise and flow times at `step`."""
+    expert = model.action_expert
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    total = config.batch_size * dist.world
+    t = expert.sample_timesteps(total, device="cpu", generator=generator)
+    shape = (total, config.horizon, config.max_action_dim)
+    noise = torch.randn(shape, generator=generator)
+    part = slice(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size)
+    return noise[part].to(dist.device), t[part].to(dist.device)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are never listed)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / TRAINING_STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_training_checkpoint(model, optimizer, scheduler, step: int, config: TrainConfig,
+                             losses: list[float], dist: Dist) -> Path | None:
+    """Model files + optimizer/scheduler state in one atomically renamed directory.
+
+    Called on every process: with FSDP the full tensors are gathered collectively; the main
+    process writes. Returns the directory on the main process.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    path = None
+    if dist.main:
+        state = {"step": step, "optimizer": optimizer_state,
+                 "scheduler": scheduler.state_dict(), "losses": losses,
+                 "config": asdict(config)}
+
+        def write_state(directory: Path) -> None:
+            torch.save(state, directory / TRAINING_STATE)
+
+        path = Path(config.output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+        tensors = {k: v for k, v in model_state.items() if not k.startswith("left.")}
+        save_checkpoint(model, path, metadata={"step": step}, extra=write_state,
+                        tensors=tensors)
+        for old in checkpoint_dirs(config.output_dir)[:-config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(dist)
+    return path
+
+
+def restore_optimizer(model, optimizer, scheduler, directory: Path) -> tuple[int, list[float]]:
+    """Load the optimizer (full, FQN-keyed) and scheduler state saved with a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(directory / TRAINING_STATE, weights_only=False, map_location="cpu")
+    set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], list(state["losses"])
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> Path | None:
+    """Run training; returns the last checkpoint directory (on the main process)."""
+    dist = init_distributed()
+    torch.manual_seed(config.seed)
+    datasets, mixture, norm_stats = build_data(config)
+    model = build_model(config, datasets, norm_stats)
+    if config.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    resume_from = checkpoint_dirs(config.output_dir)[-1:] if config.resume else []
+    if resume_from:
+        load_trainable_weights(model, resume_from[0])
+    elif config.resume and dist.main:
+        print(f"no checkpoint in {config.output_dir}/checkpoints: starting at step 0",
+              flush=True)
+    model.to(dist.device)
+    model.train()
+    wrapped = wrap_model(model, config, dist)
+    optimizer, scheduler = build_optimizer(model, config)
+    start, losses = 0, []
+    if resume_from:
+        start, losses = restore_optimizer(model, optimizer, scheduler, resume_from[0])
+        if dist.main:
+            print(f"resuming from {resume_from[0]} at step {start}", flush=True)
+    sampler = StepBatchSampler(len(mixture), config.batch_size, dist, config.seed, start,
+                               config.steps)
+    loader = torch.utils.data.DataLoader(
+        mixture, batch_sampler=sampler, num_workers=config.num_workers,
+        collate_fn=Collator(model.processor, norm_stats, config.max_state_dim,
+                            config.max_action_dim),
+        persistent_workers=config.num_workers > 0,
+        # Fresh worker processes: forking after torch's and libav's threads started can hang.
+        multiprocessing_context="spawn" if config.num_workers > 0 else None)
+    autocast = use_bf16(config, dist)
+    logger = RunLogger(config, dist, start)
+    last = None
+    step = start
+    for batch in loader:
+        noise, t = flow_draws(config, step, dist, model)
+        inputs = batch["inputs"].to(dist.device)
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = wrapped(inputs, batch["state"].to(dist.device),
+                           batch["state_mask"].to(dist.device), batch["embodiments"],
+                           batch["actions"].to(dist.device),
+                           batch["action_mask"].to(dist.device), noise=noise, t=t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(wrapped, model, config)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        value = mean_over_ranks(loss.detach(), dist)
+        losses.append(value)
+        logger.log(step, value, scheduler.get_last_lr(), grad_norm)
+        if step % config.save_every == 0 or step == config.steps:
+            last = save_training_checkpoint(model, optimizer, scheduler, step, config, losses,
+                                            dist)
+    logger.close()
+    if dist.world > 1:
+        barrier(dist)
+        torch.distributed.destroy_process_group()
+    return last
+
+
+def wrap_model(model: TwinBrainVLA, config: TrainConfig, dist: Dist):
+    """DDP (or FSDP2 on the Right Brain's layers) around the model when distributed."""
+    if dist.world == 1:
+        return model
+    if config.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.right.vlm.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Several embodiments: a batch may not use every state encoder.
+    unused = len(model.state_encoders) > 1
+    return DistributedDataParallel(
+        model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+        find_unused_parameters=unused)
+
+
+def use_bf16(config: TrainConfig, dist: Dist) -> bool:
+    """Whether to autocast to bf16."""
+    if config.precision == "auto":
+        return dist.device.type == "cuda"
+    return config.precision == "bf16"
+
+
+def clip_gradients(wrapped, model: TwinBrainVLA, config: TrainConfig) -> float:
+    """Clip the global gradient norm; returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+
+
+def mean_over_ranks(value: torch.Tensor, dist: Dist) -> float:
+    """The loss averaged over processes (for logging)."""
+    if dist.world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= dist.world
+    return float(value)
+
+
+def barrier(dist: Dist) -> None:
+    """Wait for every process (after a checkpoint)."""
+    if dist.world > 1:
+        torch.distributed.barrier()
+
+
+class RunLogger:
+    """Progress bar (loss, learning rate, samples/s) and TensorBoard, on the main process."""
+
+    def __init__(self, config: TrainConfig, dist: Dist, start: int):
+        """Open the progress bar and the TensorBoard writer."""
+        self.config, self.dist = config, dist
+        self.bar = self.writer = None
+        self.samples_per_step = config.batch_size * dist.world
+        self.last_time = time.perf_counter()
+        if not dist.main:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True,
+                        file=sys.stdout)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"))
+        except ImportError:
+            print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)",
+                  flush=True)
+
+    def log(self, step: int, loss: float, lrs: list[float], grad_norm: float) -> None:
+        """Record one step."""
+        if not self.dist.main:
+            return
+        now = time.perf_counter()
+        rate = self.samples_per_step / max(now - self.last_time, 1e-9)
+        self.last_time = now
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", samples_s=f"{rate:.1f}")
+        if self.writer is not None and step % self.config.log_every == 0:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr_right", lrs[0], step)
+            self.writer.add_scalar("train/lr_expert", lrs[1], step)
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+            self.writer.add_scalar("train/samples_per_s", rate, step)
+
+    def close(self) -> None:
+        """Flush and close."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (`ros2 run twinbrain_ros train`, `python -m ...`, torchrun)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="training YAML (see config/train.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (YAML values)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        last = train(config)
+    except ValueError as error:  # includes dataset and checkpoint errors, which name the cause
+        print(f"train: {error}", file=sys.stderr, flush=True)
+        return 1
+    if last is not None:
+        print(f"last checkpoint: {last}", flush=True)
+        print(json.dumps({"checkpoint": str(last)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
