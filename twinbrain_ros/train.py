@@ -391,7 +391,7 @@ def train(config: TrainConfig) -> Path | None:
                            batch["action_mask"].to(dist.device), noise=noise, t=t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = clip_gradients(wrapped, model, config)
+        grad_norm = clip_gradients(model, config)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -435,7 +435,7 @@ def use_bf16(config: TrainConfig, dist: Dist) -> bool:
     return config.precision == "bf16"
 
 
-def clip_gradients(wrapped, model: TwinBrainVLA, config: TrainConfig) -> float:
+def clip_gradients(model: TwinBrainVLA, config: TrainConfig) -> float:
     """Clip the global gradient norm; returns the norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     return float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))

@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from ..embodiment import Embodiment
+from .images import RAW_ENCODINGS, SUPPORTED_ENCODINGS, ImageFormatError, raw_to_rgb
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
@@ -78,15 +79,6 @@ TIME_SOURCES = ("auto", "receive")
 END_MARKER = "end"
 IMAGE_KEY_PREFIX = "observation.images."
 
-# encoding -> (channels, channel order that gives RGB)
-_RAW_ENCODINGS = {
-    "rgb8": (3, [0, 1, 2]),
-    "bgr8": (3, [2, 1, 0]),
-    "rgba8": (4, [0, 1, 2]),
-    "bgra8": (4, [2, 1, 0]),
-    "mono8": (1, [0, 0, 0]),
-}
-SUPPORTED_ENCODINGS = tuple(_RAW_ENCODINGS)
 SUPPORTED_COMPRESSED_FORMATS = ("jpeg", "png")
 
 _ROSBAGS_HINT = "pip install rosbags==0.11.9"
@@ -130,19 +122,14 @@ def decode_image(msg, msgtype: str) -> np.ndarray:
         except (OSError, ValueError) as exc:
             raise BagError(f"cannot decode a {msg.format!r} CompressedImage: {exc}") from exc
     _check_encoding(msg.encoding)
-    channels, order = _RAW_ENCODINGS[msg.encoding]
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    data = np.asarray(msg.data, dtype=np.uint8)
-    if height == 0 or width == 0 or step < width * channels or data.size != step * height:
-        raise BagError(f"image {width}x{height} {msg.encoding} with step {step} has "
-                       f"{data.size} bytes; expected step >= {width * channels} and "
-                       f"step*height bytes")
-    pixels = data.reshape(height, step)[:, : width * channels].reshape(height, width, channels)
-    return np.ascontiguousarray(pixels[..., order])
+    try:
+        return raw_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
+    except ImageFormatError as exc:
+        raise BagError(str(exc)) from exc
 
 
 def _check_encoding(encoding: str) -> None:
-    if encoding not in _RAW_ENCODINGS:
+    if encoding not in RAW_ENCODINGS:
         raise BagError(f"unsupported image encoding {encoding!r}; supported: "
                        f"{', '.join(SUPPORTED_ENCODINGS)} (or a jpeg/png CompressedImage)")
 

@@ -7,15 +7,10 @@ from builtin_interfaces.msg import Duration
 from sensor_msgs.msg import Image, JointState
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-# encoding -> (channels, index order that turns the pixels into RGB)
-_ENCODINGS = {
-    "rgb8": (3, [0, 1, 2]),
-    "bgr8": (3, [2, 1, 0]),
-    "rgba8": (4, [0, 1, 2]),
-    "bgra8": (4, [2, 1, 0]),
-    "mono8": (1, [0, 0, 0]),
-}
-SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
+from ..data.images import SUPPORTED_ENCODINGS as RAW_SUPPORTED_ENCODINGS
+from ..data.images import ImageFormatError, raw_to_rgb
+
+SUPPORTED_ENCODINGS = RAW_SUPPORTED_ENCODINGS
 
 
 class InputError(ValueError):
@@ -29,23 +24,10 @@ class InputError(ValueError):
 
 def image_to_rgb(msg: Image) -> np.ndarray:
     """Convert a sensor_msgs/Image to an HxWx3 uint8 RGB array (one copy at most)."""
-    if msg.encoding not in _ENCODINGS:
-        raise InputError(f"encoding:{msg.encoding}",
-                         f"unsupported image encoding {msg.encoding!r}; supported: "
-                         f"{', '.join(SUPPORTED_ENCODINGS)}")
-    channels, order = _ENCODINGS[msg.encoding]
-    height, width, step = msg.height, msg.width, msg.step
-    if height == 0 or width == 0 or step < width * channels:
-        raise InputError("image_size", f"image {width}x{height} {msg.encoding} has step {step}, "
-                                       f"expected at least {width * channels}")
-    if len(msg.data) != step * height:
-        raise InputError("image_size", f"image data has {len(msg.data)} bytes, expected "
-                                       f"step*height = {step * height}")
-    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)
-    pixels = rows[:, : width * channels].reshape(height, width, channels)
-    if order == [0, 1, 2] and channels == 3:
-        return pixels
-    return np.ascontiguousarray(pixels[..., order])
+    try:
+        return raw_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
+    except ImageFormatError as error:
+        raise InputError(error.cause, str(error)) from error
 
 
 def rgb_to_image(rgb: np.ndarray, stamp=None, frame_id: str = "camera") -> Image:
