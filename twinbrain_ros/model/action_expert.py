@@ -205,6 +205,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` to ``context`` (or to ``x`` itself).
 
@@ -212,22 +213,26 @@ class Attention(nn.Module):
             x: Query tokens ``(B, L, hidden_size)``.
             context: Key/value tokens ``(B, S, context_dim)``; ``None`` for self-attention.
             key_mask: Boolean ``(B, S)``, True where a key may be attended to.
+            kv: Keys and values already projected from ``context`` (see ``project_kv``).
 
         Returns:
             Tensor ``(B, L, hidden_size)``.
         """
         batch, length, width = x.shape
-        kv_source = x if context is None else context
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = (
-            self.kv_proj(kv_source)
-            .view(batch, kv_source.shape[1], 2, self.num_heads, self.head_dim)
-            .permute(2, 0, 3, 1, 4)
-        )
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         # SDPA's boolean mask means "may attend"; broadcast it over heads and queries.
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, heads, S, head_dim)`` of ``source`` tokens."""
+        batch, tokens, _ = source.shape
+        k, v = (self.kv_proj(source).view(batch, tokens, 2, self.num_heads, self.head_dim)
+                .permute(2, 0, 3, 1, 4))
+        return k, v
 
 
 class DiTBlock(nn.Module):
@@ -272,6 +277,7 @@ class DiTBlock(nn.Module):
         temb: torch.Tensor,
         context: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Apply the block.
 
@@ -280,6 +286,8 @@ class DiTBlock(nn.Module):
             temb: Timestep embedding ``(B, hidden_size)``.
             context: Normed VLM tokens ``(B, S, cond_dim)``; used only by cross-attention blocks.
             key_mask: Boolean ``(B, S)`` validity mask of ``context``.
+            context_kv: ``context`` already projected to keys/values by this block's
+                attention (cross-attention blocks; reused across Euler steps).
 
         Returns:
             Updated action tokens ``(B, H, hidden_size)``.
@@ -287,7 +295,7 @@ class DiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(temb).chunk(6, -1)
         h = modulate(self.norm1(x), shift_a, scale_a)
         if self.is_cross_attention:
-            h = self.attn(h, context, key_mask)
+            h = self.attn(h, context, key_mask, kv=context_kv)
         else:
             h = self.attn(h)
         x = x + gate_a[:, None, :] * h
@@ -436,14 +444,24 @@ class FlowMatchingActionExpert(nn.Module):
         return self._velocity(noisy_actions, t, self.cond_norm(cond.to(self._dtype)), key_mask)
 
     def _velocity(self, noisy_actions: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                  key_mask: torch.Tensor) -> torch.Tensor:
-        """The network itself, on checked inputs and already-normed context (no host sync)."""
+                  key_mask: torch.Tensor, context_kv: list | None = None) -> torch.Tensor:
+        """The network itself, on checked inputs and already-normed context (no host sync).
+
+        ``context_kv`` holds each cross-attention block's keys/values of the context: they do
+        not depend on ``t`` or ``x``, so sampling projects them once per chunk.
+        """
         steps = noisy_actions.shape[1]
         x = self.action_encoder(noisy_actions.to(self._dtype)) + self.pos_embed[:, :steps]
         temb = self.time_embedder(t)
-        for block in self.blocks:
-            x = block(x, temb, context, key_mask)
+        context_kv = context_kv or [None] * len(self.blocks)
+        for block, kv in zip(self.blocks, context_kv, strict=True):
+            x = block(x, temb, context, key_mask, context_kv=kv)
         return self.final_layer(x, temb).to(noisy_actions.dtype)
+
+    def context_kv(self, context: torch.Tensor) -> list:
+        """Per block: the cross-attention keys/values of the normed context, or None."""
+        return [block.attn.project_kv(context) if block.is_cross_attention else None
+                for block in self.blocks]
 
     def _check_cond(self, cond: torch.Tensor, cond_mask: torch.Tensor, batch: int) -> torch.Tensor:
         """Validate the conditioning and return the mask as bool."""
@@ -594,8 +612,9 @@ class FlowMatchingActionExpert(nn.Module):
         # Check and norm the conditioning once per chunk, not once per Euler step.
         key_mask = self._check_cond(cond, cond_mask, batch)
         context = self.cond_norm(cond.to(self._dtype))
+        context_kv = self.context_kv(context)
         dt = 1.0 / steps
         for i in range(steps):
             t = torch.full((batch,), i * dt, device=cond.device, dtype=torch.float32)
-            x = x + dt * self._velocity(x, t, context, key_mask)
+            x = x + dt * self._velocity(x, t, context, key_mask, context_kv)
         return x
