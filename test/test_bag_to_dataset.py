@@ -313,7 +313,7 @@ def test_unsupported_encoding_and_missing_instruction_fail_clearly(tmp_path, gr1
 
 def test_widowx_end_effector_deltas_from_forward_kinematics(tmp_path):
     pytest.importorskip("pinocchio")
-    from twinbrain_ros.policy.kinematics import ArmKinematics, rpy_matrix
+    from twinbrain_ros.kinematics import ArmKinematics, rpy_matrix
 
     widowx = Embodiment.load("widowx")
     bag = write_bag(tmp_path / "bag", "mcap", embodiment=widowx, duration_s=3.0,

@@ -282,6 +282,13 @@ def test_mixture_weights_and_seeded_order(tmp_path, widowx, gr1):
     # Up-weighted data repeats whole permutations, down-weighted data is subsampled.
     locals0 = [local for d, local in order if d == 0]
     assert np.bincount(locals0, minlength=200).min() >= 1
+    # The stream of positions continues into later epochs, each with its own permutation:
+    # down-weighted data shows other frames there.
+    epoch1 = [mixture.locate(len(mixture) + i) for i in range(len(mixture))]
+    assert epoch1 != order and sum(d == 0 for d, _ in epoch1) == 300
+    assert [again.locate(len(again) + i) for i in range(len(again))] == epoch1
+    assert {j for d, j in epoch1 if d == 1} != {j for d, j in order if d == 1}
+    assert mixture.locate(5) == order[5]
     only_first = DatasetMixture(datasets, weights=[1.0, 0.0])
     assert {only_first.locate(i)[0] for i in range(len(only_first))} == {0}
     with pytest.raises(ValueError, match="weights"):

@@ -153,33 +153,24 @@ def init_distributed() -> Dist:
 
 
 class StepBatchSampler:
-    """Global batches as a function of the step: epoch-wise seeded permutations of the mixture.
+    """Global batches as a function of the step over the mixture's stream of epochs.
 
-    Step s takes global positions [s G, (s + 1) G) of the concatenated epoch permutations
-    (G = world x batch); this process gets its contiguous slice of B = batch. Starting at a
-    later step reproduces exactly what an uninterrupted run would have drawn.
+    Step s takes stream positions [s G, (s + 1) G) (G = world x batch; the mixture maps a
+    position to its epoch's own permutation); this process gets its contiguous slice of B =
+    batch. Starting at a later step reproduces exactly what an uninterrupted run drew.
     """
 
-    def __init__(self, size: int, batch: int, dist: Dist, seed: int, start: int, stop: int):
-        """Sample indices < `size` for steps `start` .. `stop - 1`."""
-        self.size, self.batch, self.dist = size, batch, dist
-        self.seed, self.start, self.stop = seed, start, stop
-        self._epoch, self._order = None, None
-
-    def _position(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        return int(self._order[offset])
+    def __init__(self, batch: int, dist: Dist, start: int, stop: int):
+        """Sample for steps `start` .. `stop - 1`."""
+        self.batch, self.dist, self.start, self.stop = batch, dist, start, stop
 
     def indices(self, step: int) -> list[int]:
-        """This process's sample indices at `step`."""
+        """This process's stream positions at `step`."""
         first = (step * self.dist.world + self.dist.rank) * self.batch
-        return [self._position(first + k) for k in range(self.batch)]
+        return list(range(first, first + self.batch))
 
     def __iter__(self):
-        """One batch of indices per step."""
+        """One batch of positions per step."""
         for step in range(self.start, self.stop):
             yield self.indices(step)
 
@@ -368,8 +359,7 @@ def train(config: TrainConfig) -> Path | None:
         start, losses = restore_optimizer(model, optimizer, scheduler, resume_from[0])
         if dist.main:
             print(f"resuming from {resume_from[0]} at step {start}", flush=True)
-    sampler = StepBatchSampler(len(mixture), config.batch_size, dist, config.seed, start,
-                               config.steps)
+    sampler = StepBatchSampler(config.batch_size, dist, start, config.steps)
     loader = torch.utils.data.DataLoader(
         mixture, batch_sampler=sampler, num_workers=config.num_workers,
         collate_fn=Collator(model.processor, norm_stats, config.max_state_dim,

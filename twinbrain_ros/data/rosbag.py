@@ -45,7 +45,7 @@ Alignment rules:
     * `ee_delta` embodiments (WidowX Bridge): the action is the end-effector motion from the
       state at step k to the target joints (next state, or the commanded joints), computed by
       forward kinematics `fk(q)` (4x4, base -> end effector) of
-      `twinbrain_ros.policy.kinematics.ArmKinematics.widowx()`: translation `p1 - p0` in the
+      `twinbrain_ros.kinematics.ArmKinematics.widowx()`: translation `p1 - p0` in the
       base frame, rotation as roll/pitch/yaw of `R1 @ R0.T` (the convention of
       `ArmKinematics.ee_deltas_to_joint_targets`: `R_delta = Rz(yaw) Ry(pitch) Rx(roll)`), and
       a binary gripper from the target gripper joint: 1 (open) if it is past the midpoint of
@@ -437,7 +437,7 @@ class BagConverter:
             raise BagError(f"{emb.name}: ee_delta actions need a gripper_joint")
         if kinematics is None:
             try:
-                from ..policy.kinematics import ArmKinematics
+                from ..kinematics import ArmKinematics
 
                 kinematics = ArmKinematics.widowx()
             except ImportError as exc:

@@ -117,10 +117,20 @@ class DatasetMixture:
         return len(self._local)
 
     def locate(self, i: int) -> tuple[int, int]:
-        """(dataset position, index in that dataset) of mixture index `i`."""
+        """(dataset position, index in that dataset) of mixture index `i`.
+
+        Indices past one epoch continue into the next ones (`i = epoch * len + offset`), each
+        with its own permutation, so a sampler can stream positions for as many epochs as
+        training needs and every DataLoader worker finds the epoch from the index itself.
+        """
         n = len(self._local)
-        if not -n <= i < n:
+        if i < -n:
             raise IndexError(f"index {i} out of range for a mixture of {n} samples")
+        if i >= n:
+            epoch, i = divmod(int(i), n)
+            self.set_epoch(epoch)
+        elif i >= 0 and self.epoch != 0:
+            self.set_epoch(0)
         return int(self._dataset_ids[i]), int(self._local[i])
 
     def __getitem__(self, i: int):

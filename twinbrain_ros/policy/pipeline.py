@@ -42,7 +42,7 @@ class ActionConverter:
         self.embodiment = embodiment
         self.kinematics = kinematics
         if embodiment.action_space == "ee_delta" and kinematics is None:
-            from .kinematics import ArmKinematics
+            from ..kinematics import ArmKinematics
 
             self.kinematics = ArmKinematics.widowx()
         if embodiment.action_space == "ee_delta":
