@@ -187,3 +187,32 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["stepz=3"])
     with pytest.raises(ValueError, match="strategy"):
         load_config(None, ["strategy=horovod"])
+
+
+def test_a_mixture_of_two_embodiments_trains(tiny_backbones, gr1_dataset, tmp_path):
+    from twinbrain_ros.data.lerobot import LeRobotWriter
+    from twinbrain_ros.model.checkpoint import read_norm_stats
+
+    widowx = Embodiment.load("widowx")
+    root = tmp_path / "widowx_data"
+    writer = LeRobotWriter(root, fps=widowx.control_rate_hz, embodiment=widowx,
+                           image_keys=[IMAGE_KEY], version="v3.0", use_videos=False)
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        state = np.clip(rng.normal(0, 0.2, (8, 7)), widowx.lower, widowx.upper)
+        action = np.concatenate([rng.normal(0, 0.01, (8, 6)), rng.integers(0, 2, (8, 1))], 1)
+        writer.add_episode({IMAGE_KEY: np.full((8, 32, 32, 3), 90, np.uint8)},
+                           state.astype(np.float32), action.astype(np.float32),
+                           task="put the spoon on the towel")
+    writer.finalize()
+    datasets = [{"path": str(gr1_dataset), "embodiment": "gr1", "weight": 1.0},
+                {"path": str(root), "embodiment": "widowx", "weight": 1.0}]
+    config = _config(tiny_backbones["qwen3_vl"], gr1_dataset, tmp_path / "mix",
+                     datasets=datasets, steps=6, save_every=6)
+    last = train(config)
+    weights = _weights(last)
+    for key in ("gr1", "widowx"):
+        assert any(n.startswith(f"state_encoders.{key}.") for n in weights), key
+    stats = read_norm_stats(last)
+    assert stats["widowx"].action.mode == "q01_q99" and stats["widowx"].action.binary == [6]
+    assert stats["gr1"].action.mode == "min_max"
