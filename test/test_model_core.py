@@ -283,3 +283,21 @@ def test_left_cache_is_not_grown_by_the_right_brain(tiny_backbones):
                                positions, past_key_values=cache,
                                visual_pos_masks=inputs.visual_mask, deepstack_embeds=deepstack)
     assert cache.get_seq_length() == length
+
+
+def test_instructions_cannot_smuggle_image_tokens(tiny_backbones):
+    model = build_model(tiny_backbones["qwen2_5_vl"], brain_mode="single")
+    with pytest.raises(ValueError, match="must not contain '<\\|image_pad\\|>'"):
+        model.predict_action([camera_frame(0)], "go <|image_pad|> now", np.zeros(5), "arm")
+
+
+def test_positions_computed_ahead_give_the_same_hidden_states(tiny_backbones):
+    model = build_model(tiny_backbones["qwen3_vl"]).eval()
+    batch = make_batch(model)
+    ahead = model.right.with_positions(batch["inputs"])
+    assert ahead.position_ids is not None and batch["inputs"].position_ids is None
+    with torch.no_grad():
+        a, _ = model.encode(batch["inputs"], batch["state"], batch["state_mask"],
+                            batch["embodiments"])
+        b, _ = model.encode(ahead, batch["state"], batch["state_mask"], batch["embodiments"])
+    assert torch.equal(a, b)

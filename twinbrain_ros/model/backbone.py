@@ -8,6 +8,7 @@ embeddings so that freezing one brain never freezes a tied head of the other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -99,18 +100,29 @@ class QwenVLBackbone(nn.Module):
         """Token embeddings with the image tokens written into the `<|image_pad|>` slots."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
-        if int(image_mask.sum()) != image_embeds.shape[0]:
+        # The count check reads the device; on accelerators the processor's check stands.
+        if input_ids.device.type == "cpu" and int(image_mask.sum()) != image_embeds.shape[0]:
             raise ValueError(
                 f"{int(image_mask.sum())} image placeholder tokens but {image_embeds.shape[0]} "
                 "image features: the processor and the vision tower disagree")
         return embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
 
     def rope_index(self, inputs: VisionLanguageInputs) -> torch.Tensor:
-        """3-row M-RoPE positions (3, B, S) of a left-padded batch."""
+        """3-row M-RoPE positions (3, B, S) of a left-padded batch (precomputed ones if set)."""
+        if inputs.position_ids is not None:
+            return inputs.position_ids
         positions, _ = self.vlm.get_rope_index(
             inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
             image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask)
         return positions
+
+    def with_positions(self, inputs: VisionLanguageInputs) -> VisionLanguageInputs:
+        """`inputs` with their M-RoPE positions computed here (call it while on the CPU).
+
+        `get_rope_index` walks the tokens in Python; on CPU tensors that costs no device
+        synchronisation, so inference computes positions before moving inputs to the GPU.
+        """
+        return dataclasses.replace(inputs, position_ids=self.rope_index(inputs))
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past_key_values=None,
                visual_pos_masks=None, deepstack_embeds=None) -> torch.Tensor:
@@ -135,10 +147,13 @@ class VisionLanguageInputs:
     mm_token_type_ids: torch.Tensor  # (B, S) int, 1 on image tokens
     pixel_values: torch.Tensor     # (num_patches, patch_dim)
     image_grid_thw: torch.Tensor   # (num_images, 3) long
+    # (3, B, S) M-RoPE positions, when computed ahead (on the CPU, see `with_positions`).
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
         """Move to a device; `dtype` applies to the pixel values only."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: v if v is None else v.to(device) for k, v in moved.items()}
         if dtype is not None:
             moved["pixel_values"] = moved["pixel_values"].to(dtype)
         return VisionLanguageInputs(**moved)
@@ -241,6 +256,11 @@ class QwenVLProcessor:
             texts.append(text.replace("<|placeholder|>", self.image_token))
         tokens = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         input_ids = tokens["input_ids"]
+        found = int((input_ids == self.image_token_id).sum())
+        if found != sum(tokens_per_image):
+            raise ValueError(f"the prompts hold {found} image tokens for {sum(tokens_per_image)} "
+                             f"image features: an instruction must not contain "
+                             f"{self.image_token!r} or other vision special tokens")
         return VisionLanguageInputs(
             input_ids=input_ids,
             attention_mask=tokens["attention_mask"],

@@ -378,7 +378,8 @@ class TwinBrainVLA(nn.Module):
         timer = timer or _NO_TIMER
         device = self.device
         with timer("preprocess"):
-            inputs = self.processor([list(images)], [instruction]).to(device, self.dtype)
+            inputs = self.processor([list(images)], [instruction])
+            inputs = self.right.with_positions(inputs).to(device, self.dtype)
             padded, mask = self.pad_state(stats.state.normalize(state)[None])
         generator = None
         if seed is not None:
