@@ -122,3 +122,19 @@ def save_policy_checkpoint(backbone_path: str, out, embodiment, nan_weights: boo
         weights["action_expert.final_layer.proj.bias"].fill_(float("nan"))
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def stop_process_group(proc, timeout: float) -> int:
+    """One SIGINT to the process group (how ros2 run/launch stop), SIGKILL if it hangs."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_policy_checkpoint
+from conftest import save_policy_checkpoint, stop_process_group
 
 from twinbrain_ros.embodiment import Embodiment, config_dir
 
@@ -53,15 +52,9 @@ class NodeProcess:
         return self.proc.poll() is None
 
     def stop(self) -> int:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        code = stop_process_group(self.proc, timeout=20)
         self.handle.close()
-        return self.proc.returncode
+        return code
 
 
 class RobotSide:

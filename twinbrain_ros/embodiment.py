@@ -157,10 +157,12 @@ class Embodiment:
             data["name"] = params["embodiment"]
         required = {f.name for f in fields(cls)
                     if f.default is MISSING and f.default_factory is MISSING}
-        missing = sorted(required - set(data))
+        missing = sorted("embodiment" if k == "name" else k for k in required - set(data))
         if missing:
-            raise EmbodimentError(f"embodiment description lacks {missing}")
-        return cls(**data)
+            raise EmbodimentError(f"missing embodiment parameters {missing}")
+        # ROS array parameters arrive as array.array: make them plain lists.
+        return cls(**{k: v if isinstance(v, (str, int, float, bool)) else list(v)
+                      for k, v in data.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Embodiment:

@@ -64,10 +64,6 @@ _EMBODIMENT_TYPES = {
     "gripper_topic": Parameter.Type.STRING,
     "dry_run_topic": Parameter.Type.STRING,
 }
-_EMBODIMENT_OPTIONAL = {"normalization_key", "action_normalization", "state_normalization",
-                        "gripper_joint", "gripper_open_position",
-                        "gripper_closed_position", "gripper_topic", "state_space"}
-
 # Node parameters with defaults: name -> (default, description).
 _NODE_PARAMETERS = {
     "checkpoint": ("", "TwinBrainVLA checkpoint directory (required)"),
@@ -150,18 +146,12 @@ class PolicyNode(Node):
             try:
                 values[name] = self.get_parameter(name).value
             except ParameterUninitializedException:
-                pass  # optional ones keep the Embodiment default, required ones are named below
-        missing = sorted(set(_EMBODIMENT_TYPES) - _EMBODIMENT_OPTIONAL - set(values))
-        if missing:
-            raise ValueError(f"missing embodiment parameters {missing}: pass the embodiment's "
-                             "params file (--params-file config/<embodiment>.yaml)")
-        values["name"] = values.pop("embodiment")
+                pass  # optional ones keep the Embodiment default, required ones are named
         try:
-            # Array parameters arrive as array.array or list: make them plain lists.
-            return Embodiment(**{k: v if isinstance(v, (str, int, float, bool)) else list(v)
-                                 for k, v in values.items()})
+            return Embodiment.from_parameters(values)
         except EmbodimentError as error:
-            raise ValueError(str(error)) from error
+            raise ValueError(f"{error}: pass the embodiment's params file "
+                             "(--params-file config/<embodiment>.yaml)") from error
 
     # -- callbacks: convert, check, store; the model never runs here -------------------------
 
