@@ -33,6 +33,9 @@ setup(
             "demo = twinbrain_ros.demo:main",
             "train = twinbrain_ros.train:main",
             "bag_to_dataset = twinbrain_ros.tools.bag_to_dataset:main",
+            "sim_bridge = twinbrain_ros.ros.sim_bridge:main",
+            "evaluate = twinbrain_ros.ros.evaluate:main",
+            "record_demos = twinbrain_ros.sim.record:main",
         ],
     },
 )

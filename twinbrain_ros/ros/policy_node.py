@@ -231,12 +231,19 @@ class PolicyNode(Node):
         return observation, joints[1], inputs
 
     def _run(self) -> None:
+        # The replanning period is measured on the node's clock: with use_sim_time a simulator
+        # running faster or slower than the wall clock gets a chunk every period of its time.
         while not self._stop.is_set():
-            start = time.monotonic()
+            start = self._now()
             snapshot = self._snapshot()
             if snapshot is not None:
                 self._cycle(*snapshot)
-            self._stop.wait(max(0.0, self.period - (time.monotonic() - start)))
+            while not self._stop.is_set():
+                elapsed = self._now() - start
+                remaining = self.period - elapsed
+                if remaining <= 0 or elapsed < 0:  # elapsed < 0: the clock was reset
+                    break
+                self._stop.wait(min(remaining, 0.005))
 
     def _cycle(self, observation: Observation, observation_time: float, inputs: dict) -> None:
         started = self._now()

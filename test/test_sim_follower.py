@@ -1,0 +1,87 @@
+"""Trajectory execution in simulation behaves like a joint trajectory controller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from twinbrain_ros.sim.base import TargetInterpolator
+from twinbrain_ros.sim.evaluation import format_table, summarize
+from twinbrain_ros.sim.follower import TrajectoryError, TrajectoryFollower
+
+NAMES = ["a", "b", "gripper"]
+
+
+@pytest.fixture
+def follower():
+    return TrajectoryFollower(NAMES, lower=[-1, -1, 0], upper=[1, 1, 0.04],
+                              position=[0.0, 0.0, 0.02])
+
+
+def test_holds_the_start_position_until_a_trajectory_arrives(follower):
+    np.testing.assert_allclose(follower.sample(5.0), [0.0, 0.0, 0.02])
+
+
+def test_interpolates_linearly_from_the_commanded_position(follower):
+    follower.receive(["a", "b"], [0.2, 0.4], [[0.2, -0.2], [0.4, -0.4]], start_time=1.0, now=1.0)
+    np.testing.assert_allclose(follower.sample(1.1), [0.1, -0.1, 0.02])
+    np.testing.assert_allclose(follower.sample(1.3), [0.3, -0.3, 0.02])
+    np.testing.assert_allclose(follower.sample(9.0), [0.4, -0.4, 0.02])  # holds the last point
+
+
+def test_subsets_of_joints_are_independent(follower):
+    follower.receive(["a", "b"], [1.0], [[0.5, 0.5]], start_time=0.0, now=0.0)
+    follower.receive(["gripper"], [0.5], [[0.04]], start_time=0.25, now=0.25)
+    # the gripper trajectory does not interrupt the arm's
+    np.testing.assert_allclose(follower.sample(0.5), [0.25, 0.25, 0.03])
+    np.testing.assert_allclose(follower.sample(1.0), [0.5, 0.5, 0.04])
+
+
+def test_a_new_trajectory_replaces_the_old_one_without_a_jump(follower):
+    follower.receive(["a", "b"], [1.0], [[1.0, 1.0]], start_time=0.0, now=0.0)
+    follower.receive(["a"], [1.0], [[-0.5]], start_time=0.5, now=0.5)
+    np.testing.assert_allclose(follower.sample(0.5)[0], 0.5)      # continues from 0.5
+    np.testing.assert_allclose(follower.sample(1.0)[0], 0.0)      # halfway to -0.5
+    np.testing.assert_allclose(follower.sample(1.0)[1], 1.0)      # b keeps its trajectory
+
+
+def test_points_in_the_past_are_skipped_and_limits_clip(follower):
+    kept = follower.receive(["a"], [0.1, 0.2, 0.3], [[0.1], [0.2], [5.0]], start_time=0.0,
+                            now=0.15)
+    assert kept == 2
+    np.testing.assert_allclose(follower.sample(1.0)[0], 1.0)      # 5.0 clipped to the limit
+
+
+@pytest.mark.parametrize("names, times, positions, match", [
+    (["a", "nope"], [0.1], [[0, 0]], "unknown joints"),
+    (["a"], [0.1, 0.1], [[0], [0]], "strictly increasing"),
+    (["a"], [0.1], [[np.nan]], "non-finite"),
+    (["a", "b"], [0.1], [[0.0]], "positions"),
+    (["a"], [0.1], [[0.0]], "in the past"),
+])
+def test_bad_trajectories_are_refused_and_the_robot_holds(follower, names, times, positions,
+                                                          match):
+    now = 10.0 if match == "in the past" else 0.0
+    with pytest.raises(TrajectoryError, match=match):
+        follower.receive(names, times, positions, start_time=0.0, now=now)
+    np.testing.assert_allclose(follower.sample(20.0), [0.0, 0.0, 0.02])
+
+
+def test_target_interpolator_reaches_each_target_after_its_duration():
+    interpolator = TargetInterpolator(np.zeros(2))
+    interpolator.set_target(np.ones(2), now=0.0, duration=0.2)
+    np.testing.assert_allclose(interpolator.sample(0.1), [0.5, 0.5])
+    interpolator.set_target(np.zeros(2), now=0.1, duration=0.2)   # from where it is
+    np.testing.assert_allclose(interpolator.sample(0.1), [0.5, 0.5])
+    np.testing.assert_allclose(interpolator.sample(0.3), [0.0, 0.0], atol=1e-12)
+
+
+def test_summary_is_avg_at_n_over_tasks():
+    episodes = ([{"task": "pick", "success": s} for s in (True, True, False, True)]
+                + [{"task": "place", "success": s} for s in (False, False, True, False)])
+    summary = summarize(episodes)
+    assert summary["tasks"]["pick"]["success_rate"] == 0.75
+    assert summary["tasks"]["place"]["successes"] == 1
+    assert summary["average"] == pytest.approx(0.5)
+    table = format_table(summary)
+    assert "75.0%" in table and "50.0%" in table and "Avg@4" in table

@@ -1,0 +1,133 @@
+"""Scripted demonstrations in simulation, written as a LeRobot dataset (training input).
+
+    ros2 run twinbrain_ros record_demos --embodiment widowx --task pick_cube \
+        --episodes 100 --out data/widowx_pick_cube
+    ros2 run twinbrain_ros train dataset=data/widowx_pick_cube embodiment=widowx ...
+
+Each seeded episode runs the task's scripted expert in the closed loop of
+`twinbrain_ros.sim.rollout` and records, per control step, the camera frame(s), the joint state
+and the expert's action in the embodiment's action space (Bridge end-effector deltas for the
+WidowX, absolute joint positions for the GR1) with the episode's instruction as its task.
+Failed episodes are left out by default (a demonstration should show success); their seeds are
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.lerobot import LeRobotWriter
+from ..embodiment import Embodiment
+from .base import make_backend
+from .rollout import run_episode
+
+
+@dataclass
+class RecordReport:
+    """What a recording run produced."""
+
+    root: Path
+    recorded: int = 0
+    failed_seeds: list[int] = field(default_factory=list)
+    frames: int = 0
+    seconds: float = 0.0
+
+
+def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: list[str],
+                          episodes: int, seed: int = 0, backend: str = "",
+                          image_size: int = 224, version: str = "v2.1",
+                          keep_failures: bool = False, progress: bool = True) -> RecordReport:
+    """Record `episodes` scripted episodes of each task into one LeRobot dataset.
+
+    Args:
+        out: dataset directory (must not exist or be empty).
+        embodiment: embodiment name or description.
+        tasks: tasks of the backend; episode k of each task uses seed `seed + k`.
+        episodes: episodes per task.
+        seed: first seed.
+        backend: backend name (default: the embodiment's CPU backend).
+        image_size: square camera size in pixels (even, for video encoding).
+        version: LeRobot dataset version, "v2.1" or "v3.0".
+        keep_failures: also record episodes where the expert failed.
+        progress: show a progress bar.
+
+    Returns:
+        A report with the number of recorded episodes and the seeds that failed.
+    """
+    from tqdm import tqdm
+
+    emb = embodiment if isinstance(embodiment, Embodiment) else Embodiment.load(embodiment)
+    report = RecordReport(root=Path(out))
+    started = time.monotonic()
+    writer = None
+    bar = tqdm(total=episodes * len(tasks), desc="demonstrations", unit="episode",
+               disable=not progress)
+    for task in tasks:
+        sim = make_backend(backend or emb.name, task=task, embodiment=emb,
+                           image_width=image_size, image_height=image_size)
+        try:
+            if writer is None:
+                writer = LeRobotWriter(out, fps=emb.control_rate_hz, embodiment=emb,
+                                       image_keys=list(sim.camera_names), version=version)
+            for k in range(episodes):
+                record = run_episode(sim, seed + k, record=True)
+                bar.update(1)
+                if not record.success and not keep_failures:
+                    report.failed_seeds.append(seed + k)
+                    continue
+                images = {camera: np.stack([frames[c] for frames in record.frames])
+                          for c, camera in enumerate(sim.camera_names)}
+                writer.add_episode(images, np.stack(record.states), np.stack(record.actions),
+                                   task=record.episode.instruction)
+                report.recorded += 1
+                report.frames += record.steps
+                bar.set_postfix(recorded=report.recorded, failed=len(report.failed_seeds))
+        finally:
+            sim.close()
+    bar.close()
+    if writer is None or report.recorded == 0:
+        raise RuntimeError(f"no successful episode to record (failed seeds: "
+                           f"{report.failed_seeds})")
+    writer.finalize()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `ros2 run twinbrain_ros record_demos`."""
+    parser = argparse.ArgumentParser(prog="record_demos", description=__doc__.splitlines()[0])
+    parser.add_argument("--embodiment", default="widowx", help="widowx or gr1")
+    parser.add_argument("--backend", default="", help="simulator backend (default: the "
+                                                      "embodiment's CPU backend)")
+    parser.add_argument("--task", "--tasks", dest="tasks", nargs="+", required=True,
+                        help="task name(s) of the backend")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
+    parser.add_argument("--image-size", type=int, default=224, help="camera size in pixels")
+    parser.add_argument("--version", choices=("v2.1", "v3.0"), default="v2.1",
+                        help="LeRobot dataset version")
+    parser.add_argument("--keep-failures", action="store_true",
+                        help="also record episodes where the expert failed")
+    parser.add_argument("--out", required=True, help="dataset directory (new or empty)")
+    args = parser.parse_args(argv)
+    try:
+        report = record_demonstrations(args.out, args.embodiment, args.tasks, args.episodes,
+                                       seed=args.seed, backend=args.backend,
+                                       image_size=args.image_size, version=args.version,
+                                       keep_failures=args.keep_failures)
+    except (ValueError, RuntimeError, ImportError) as error:
+        print(f"record_demos: {error}", flush=True)
+        return 1
+    print(f"recorded {report.recorded} episodes ({report.frames} frames) in "
+          f"{report.seconds:.1f} s to {report.root}"
+          + (f"; expert failed on seeds {report.failed_seeds}" if report.failed_seeds else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
