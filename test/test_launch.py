@@ -26,6 +26,7 @@ from conftest import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = REPO / "launch" / "policy.launch.py"
+SIM_LAUNCH_FILE = REPO / "launch" / "sim.launch.py"
 PACKAGE = "twinbrain_ros"
 
 
@@ -62,11 +63,12 @@ def prefix(tmp_path, monkeypatch) -> Path:
     (index / PACKAGE).write_text("")
     shutil.copytree(REPO / "config", root / "share" / PACKAGE / "config")
     # What setup.cfg's install_scripts puts there; runs this checkout's node.
-    executable = root / "lib" / PACKAGE / "policy_node"
-    executable.parent.mkdir(parents=True)
-    executable.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m twinbrain_ros.ros.policy_node '
-                          '"$@"\n')
-    executable.chmod(0o755)
+    (root / "lib" / PACKAGE).mkdir(parents=True)
+    for node in ("policy_node", "sim_bridge"):
+        executable = root / "lib" / PACKAGE / node
+        executable.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m twinbrain_ros.ros.{node} '
+                              '"$@"\n')
+        executable.chmod(0o755)
     paths = [str(root)] + [p for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)
                            if p]
     monkeypatch.setenv("AMENT_PREFIX_PATH", os.pathsep.join(paths))
@@ -104,25 +106,34 @@ def _node_command(node, context) -> list[str]:
 
 
 def _resolve(**arguments: str):
-    """Include the launch file as `ros2 launch ... name:=value` does; return the node's cmd."""
+    """Include policy.launch.py as `ros2 launch ... name:=value` does; return the node's cmd."""
+    commands = _resolve_all(LAUNCH_FILE, **arguments)
+    assert len(commands) == 1, "the launch file starts exactly one node"
+    return commands[0]
+
+
+def _resolve_all(launch_file: Path, **arguments: str) -> list[list[str]]:
+    """Include a launch file as `ros2 launch` does; the command of every node it starts."""
     from launch.actions import IncludeLaunchDescription
     from launch.launch_context import LaunchContext
     from launch.launch_description_sources import PythonLaunchDescriptionSource
     from launch_ros.actions import Node
 
     context = LaunchContext()
-    include = IncludeLaunchDescription(PythonLaunchDescriptionSource(str(LAUNCH_FILE)),
+    include = IncludeLaunchDescription(PythonLaunchDescriptionSource(str(launch_file)),
                                        launch_arguments=list(arguments.items()))
     commands = []
     pending = [include]
     while pending:  # depth first, in launch order; a Node is resolved, never executed
         entity = pending.pop(0)
+        condition = getattr(entity, "condition", None)
+        if condition is not None and not condition.evaluate(context):
+            continue
         if isinstance(entity, Node):
             commands.append(_node_command(entity, context))
             continue
         pending[:0] = list(entity.visit(context) or [])
-    assert len(commands) == 1, "the launch file starts exactly one node"
-    return commands[0]
+    return commands
 
 
 def _params_files(command: list[str]) -> list[str]:
@@ -236,14 +247,14 @@ _RUN_LAUNCH = textwrap.dedent("""
 class LaunchProcess:
     """`ros2 launch twinbrain_ros policy.launch.py ARGS` through launch.LaunchService."""
 
-    def __init__(self, tmp_path: Path, *arguments: str):
+    def __init__(self, tmp_path: Path, *arguments: str, launch_file: Path = LAUNCH_FILE):
         self.log = tmp_path / "launch.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [
             p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.handle = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _RUN_LAUNCH, str(LAUNCH_FILE), *arguments], cwd=REPO,
+            [sys.executable, "-c", _RUN_LAUNCH, str(launch_file), *arguments], cwd=REPO,
             env=env, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
@@ -297,3 +308,44 @@ def test_launch_starts_the_node_with_typed_arguments(prefix, ros_env, tmp_path, 
     assert ready, text
     assert "embodiment gr1" in text and "ACTUATION ENABLED on" in text, text
     assert code == 0, text
+
+
+# -- sim.launch.py: the sim bridge and the policy node ---------------------------------------
+
+
+def _sim_launch(**arguments: str) -> dict[str, list[str]]:
+    commands = _resolve_all(SIM_LAUNCH_FILE, **arguments)
+    return {Path(c[0]).name: c for c in commands}
+
+
+def test_sim_launch_starts_the_bridge_and_an_actuated_sim_time_policy_node(prefix):
+    nodes = _sim_launch(embodiment="gr1", task="pick_place_can", checkpoint="/tmp/ck",
+                        seed="7", image_size="128", real_time_factor="2")
+    assert sorted(nodes) == ["policy_node", "sim_bridge"]
+    bridge = _overrides(_params_files(nodes["sim_bridge"])[0])
+    assert bridge["embodiment"] == "gr1" and bridge["task"] == "pick_place_can"
+    assert bridge["seed"] == 7 and bridge["image_width"] == 128 and bridge["image_height"] == 128
+    assert bridge["real_time_factor"] == 2.0 and bridge["expert"] is False
+    files = _params_files(nodes["policy_node"])
+    assert files[0].endswith(os.path.join("share", PACKAGE, "config", "gr1.yaml"))
+    assert _overrides(files[1]) == {"checkpoint": "/tmp/ck", "device": "auto",
+                                    "use_sim_time": True, "enable_actuation": True}
+
+
+def test_sim_launch_with_the_expert_starts_no_policy_node(prefix):
+    nodes = _sim_launch(expert="true")
+    assert list(nodes) == ["sim_bridge"]
+    assert _overrides(_params_files(nodes["sim_bridge"])[0])["expert"] is True
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_sim_launch_runs_an_expert_episode(prefix, ros_env, tmp_path):
+    pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
+    run = LaunchProcess(tmp_path, "expert:=true", "image_size:=64", "real_time_factor:=4.0",
+                        launch_file=SIM_LAUNCH_FILE)
+    try:
+        ended = run.wait_for("ended: success", timeout=180)
+    finally:
+        run.stop()
+    assert ended, run.text()
