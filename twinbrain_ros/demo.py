@@ -1,144 +1,226 @@
-"""Demo: the policy node on a small random-weight checkpoint against a short synthetic input.
+"""Demo: scripted demonstrations -> training -> closed-loop evaluation through ROS, on a CPU.
 
-1. makes a tiny random-weight Qwen3-VL backbone and a TwinBrainVLA checkpoint for the WidowX
-   (Bridge end-effector delta actions; the weights are random: the motion is meaningless, the
-   plumbing is real);
-2. starts the policy node in its own process with `config/widowx.yaml` (actuation off, so the
-   trajectory goes to the dry-run topic), which turns the deltas into joint targets by inverse
-   kinematics of the WX250s, schedules and safety-checks them;
-3. publishes a 640x480 camera image, joint states and an instruction over ROS 2, and prints the
-   JointTrajectory the node publishes.
+1. records scripted demonstrations of the simulated WidowX 250 picking the cube the
+   instruction names (two cubes of different colours on the table), as a LeRobot dataset;
+2. trains a small TwinBrainVLA (tiny random-weight Qwen3-VL twin brains, a small DiT action
+   expert) on them;
+3. runs the closed-loop evaluation through the ROS topics (sim bridge + policy node, exactly as
+   `sim.launch.py` wires them) for the trained checkpoint and for the untrained one (the same
+   initial weights and statistics) on the same held-out seeds;
+4. prints both success rates, how often the other cube was picked, the time of each stage, and
+   saves a plot (training loss, success rates), a video of trained episodes and `summary.json`.
 
-Usage: `make demo`, `ros2 run twinbrain_ros demo` or `python -m twinbrain_ros.demo`.
+Usage: `make demo`, `ros2 run twinbrain_ros demo` or `python -m twinbrain_ros.demo`
+(`--quick` for a reduced run; `--out DIR` to keep the results elsewhere than runs/demo).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import random
-import signal
-import subprocess
-import sys
-import tempfile
+import json
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+EMBODIMENT = "widowx"
+TASK = "pick_cube"
 
 
-def make_demo_checkpoint(root: Path, embodiment) -> Path:
-    """A tiny twin-brain checkpoint for `embodiment` (random weights)."""
-    from .model.tiny import make_tiny_checkpoint, make_tiny_policy_checkpoint
-    from .model.twinbrain import EmbodimentSpec
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; `quick()` is the reduced loop that CI runs."""
 
-    backbone = make_tiny_checkpoint("qwen3_vl", root / "backbone")
-    spec = EmbodimentSpec(state_dim=embodiment.state_dim, action_dim=embodiment.action_dim,
-                          action_space=embodiment.action_space)
-    return make_tiny_policy_checkpoint(backbone, root / "checkpoint",
-                                       embodiment.normalization_key, spec)
+    demos: int = 100               # scripted demonstration episodes
+    image_size: int = 96
+    steps: int = 3000               # training steps
+    batch_size: int = 16
+    horizon: int = 8
+    lr: float = 3e-4
+    eval_episodes: int = 12         # per policy, same seeds for both
+    eval_seed: int = 10_000         # held out: demonstrations use seeds 0 .. demos-1
+    videos: int = 2
+    real_time_factor: float = 1.0
 
-
-def synthetic_image(height: int = 480, width: int = 640) -> np.ndarray:
-    """A colour gradient with a red square: a stand-in camera frame."""
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 96)], -1)
-    rgb[200:280, 300:380] = (220, 30, 30)
-    return rgb.astype(np.uint8)
-
-
-def run_demo(timeout_s: float = 120.0) -> int:
-    """Run the demo; returns a process exit code."""
-    import rclpy
-    from sensor_msgs.msg import Image, JointState
-    from std_msgs.msg import String
-    from trajectory_msgs.msg import JointTrajectory
-
-    from .embodiment import Embodiment, config_dir
-    from .ros.conversions import rgb_to_image
-
-    embodiment = Embodiment.load("widowx")
-    params_file = config_dir() / "widowx.yaml"
-    with tempfile.TemporaryDirectory(prefix="twinbrain_demo_") as tmp:
-        root = Path(tmp)
-        print("[1/3] making a tiny random-weight checkpoint ...", flush=True)
-        checkpoint = make_demo_checkpoint(root, embodiment)
-        env = dict(os.environ)
-        env.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
-        env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-        env.setdefault("ROS_LOG_DIR", str(root / "ros_log"))
-        os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
-                                                "ROS_LOG_DIR")})
-        print(f"[2/3] starting the policy node with {params_file} "
-              f"(ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}) ...", flush=True)
-        node_proc = subprocess.Popen(
-            [sys.executable, "-m", "twinbrain_ros.ros.policy_node", "--ros-args",
-             "--params-file", str(params_file), "-p", f"checkpoint:={checkpoint}",
-             "-p", "device:=cpu", "-p", "seed:=0"],
-            env=env, start_new_session=True)
-        received: list[JointTrajectory] = []
-        rclpy.init()
-        node = rclpy.create_node("demo_inputs")
-        try:
-            # Actuation is off by default: the node publishes on the dry-run topic.
-            node.create_subscription(JointTrajectory, embodiment.dry_run_topic,
-                                     received.append, 10)
-            image_pub = node.create_publisher(Image, embodiment.image_topics[0], 10)
-            joint_pub = node.create_publisher(JointState, embodiment.joint_state_topic, 10)
-            text_pub = node.create_publisher(String, embodiment.instruction_topic, 10)
-            image = synthetic_image()
-            # Joint states arrive with extra joints and in another order, as on the robot.
-            names = ["gripper", "right_finger"] + embodiment.joint_names[::-1]
-            state = [0.0, 0.1, -0.2, 0.0, 0.4, 0.0, 0.03]
-            positions = [0.0, -0.03] + state[::-1]
-            print("[3/3] publishing camera, joint states and the instruction "
-                  "'put the carrot on the plate' ...", flush=True)
-            deadline = time.monotonic() + timeout_s
-            while not received and time.monotonic() < deadline:
-                if node_proc.poll() is not None:
-                    print(f"the policy node exited with code {node_proc.returncode}")
-                    return 1
-                stamp = node.get_clock().now().to_msg()
-                image_pub.publish(rgb_to_image(image, stamp))
-                joint_state = JointState(name=names, position=positions)
-                joint_state.header.stamp = stamp
-                joint_pub.publish(joint_state)
-                text_pub.publish(String(data="put the carrot on the plate"))
-                rclpy.spin_once(node, timeout_sec=0.2)
-            if not received:
-                print(f"no trajectory within {timeout_s:.0f} s")
-                return 1
-            measured = dict(zip(embodiment.joint_names, state, strict=True))
-            print(f"\nmeasured joint state: {measured}")
-            print_trajectory(received[0])
-            return 0
-        finally:
-            node.destroy_node()
-            rclpy.shutdown()
-            if node_proc.poll() is None:
-                os.killpg(node_proc.pid, signal.SIGINT)
-                try:
-                    node_proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(node_proc.pid, signal.SIGKILL)
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """A few minutes: enough to see the loss fall and the loop run end to end."""
+        return cls(demos=8, steps=60, batch_size=8, eval_episodes=2, videos=1)
 
 
-def print_trajectory(msg) -> None:
-    """Print a JointTrajectory as a table."""
-    print(f"\nJointTrajectory with {len(msg.points)} points, joints: {', '.join(msg.joint_names)}")
-    print("  t [s] | " + " ".join(f"{name[:8]:>8}" for name in msg.joint_names))
-    for point in msg.points:
-        t = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
-        print(f"  {t:5.2f} | " + " ".join(f"{x:8.3f}" for x in point.positions))
+def _stage(number: int, total: int, text: str) -> None:
+    print(f"\n[{number}/{total}] {text}", flush=True)
+
+
+def make_untrained_checkpoint(config, out: Path) -> Path:
+    """The model exactly as training starts it (same seed, statistics), saved unchanged."""
+    import torch
+
+    from .model.checkpoint import save_checkpoint
+    from .train import build_data, build_model
+
+    torch.manual_seed(config.seed)
+    datasets, _, norm_stats = build_data(config)
+    model = build_model(config, datasets, norm_stats)
+    save_checkpoint(model, out, metadata={"step": 0})
+    return out
+
+
+def training_losses(checkpoint: Path) -> list[float]:
+    """The per-step losses saved with a training checkpoint."""
+    import torch
+
+    from .train import TRAINING_STATE
+
+    state = torch.load(checkpoint / TRAINING_STATE, weights_only=False, map_location="cpu")
+    return [float(x) for x in state["losses"]]
+
+
+def plot_demo(losses: list[float], summaries: dict[str, dict], path: Path) -> Path:
+    """Training loss (raw and smoothed) beside the success rates of both policies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = np.arange(1, len(losses) + 1)
+    left.plot(steps, losses, alpha=0.3, lw=0.8, label="per step")
+    window = max(1, len(losses) // 30)
+    if len(losses) >= window:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        left.plot(steps[window - 1:], smooth, lw=1.6, label=f"mean of {window}")
+    left.set_xlabel("training step")
+    left.set_ylabel("flow-matching loss")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    labels = list(summaries)
+    rates = [100 * summaries[k]["average"] for k in labels]
+    bars = right.bar(labels, rates, color=["tab:green", "tab:gray"][:len(labels)])
+    right.bar_label(bars, fmt="%.0f%%")
+    right.set_ylim(0, 110)
+    right.set_ylabel(f"success rate, {TASK} (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def wrong_object_rate(episodes: list[dict]) -> float:
+    """Fraction of episodes that lifted the cube the instruction did not name."""
+    if not episodes:
+        return 0.0
+    wrong = [e for e in episodes if e.get("outcome", {}).get("lifted") not in (None, "")
+             and e["outcome"]["lifted"] != e.get("info", {}).get("target")]
+    return len(wrong) / len(episodes)
+
+
+def run_demo(cfg: DemoConfig, out: Path) -> dict:
+    """Run the four stages; returns the summary that is also written to summary.json."""
+    from .model.tiny import make_tiny_checkpoint
+    from .ros.evaluate import build_parser, evaluate
+    from .sim.record import record_demonstrations
+    from .train import TrainConfig, train
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    times: dict[str, float] = {}
+    total = 4
+
+    _stage(1, total, f"recording {cfg.demos} scripted demonstrations of '{TASK}' "
+                     f"({cfg.image_size}x{cfg.image_size} camera)")
+    start = time.monotonic()
+    report = record_demonstrations(out / "dataset", EMBODIMENT, [TASK], cfg.demos, seed=0,
+                                   image_size=cfg.image_size)
+    times["1 demonstrations"] = time.monotonic() - start
+    print(f"    {report.recorded} episodes, {report.frames} frames"
+          + (f"; expert failed on seeds {report.failed_seeds} (left out)"
+             if report.failed_seeds else ""))
+
+    _stage(2, total, f"training a small TwinBrainVLA for {cfg.steps} steps on the CPU")
+    start = time.monotonic()
+    backbone = make_tiny_checkpoint("qwen3_vl", out / "backbone")
+    config = TrainConfig(
+        backbone_path=str(backbone),
+        datasets=[{"path": str(out / "dataset"), "embodiment": EMBODIMENT}],
+        output_dir=str(out / "train"), horizon=cfg.horizon,
+        image_size=[cfg.image_size, cfg.image_size], max_state_dim=8, max_action_dim=8,
+        action_expert={"hidden_size": 128, "num_layers": 4, "num_heads": 4},
+        batch_size=cfg.batch_size, steps=cfg.steps, lr_right=cfg.lr, lr_expert=cfg.lr,
+        warmup_steps=min(100, cfg.steps // 10), num_workers=0, save_every=cfg.steps,
+        keep_last=1, log_every=max(1, cfg.steps // 50), seed=0)
+    untrained = make_untrained_checkpoint(config, out / "untrained")
+    trained = train(config)
+    times["2 training"] = time.monotonic() - start
+    losses = training_losses(trained)
+    head = sum(losses[:20]) / len(losses[:20])
+    tail = sum(losses[-20:]) / len(losses[-20:])
+    print(f"    loss {head:.3f} (first 20 steps) -> {tail:.3f} (last 20 steps)")
+
+    _stage(3, total, f"closed-loop evaluation through ROS: {cfg.eval_episodes} episodes each, "
+                     f"seeds {cfg.eval_seed}..{cfg.eval_seed + cfg.eval_episodes - 1}")
+    summaries, episodes = {}, {}
+    start = time.monotonic()
+    for label, checkpoint, videos in (("trained", trained, cfg.videos),
+                                      ("untrained", untrained, 0)):
+        print(f"  {label}: {checkpoint}", flush=True)
+        args = build_parser().parse_args([
+            "--embodiment", EMBODIMENT, "--tasks", TASK, "--episodes", str(cfg.eval_episodes),
+            "--seed", str(cfg.eval_seed), "--checkpoint", str(checkpoint), "--device", "cpu",
+            "--image-size", str(cfg.image_size), "--out", str(out / f"eval_{label}"),
+            "--video", str(videos), "--real-time-factor", str(cfg.real_time_factor)])
+        summaries[label] = evaluate(args)
+        results = json.loads((out / f"eval_{label}" / "results.json").read_text())
+        episodes[label] = results["episodes"]
+    times["3 evaluation"] = time.monotonic() - start
+
+    _stage(4, total, "summary")
+    plot = plot_demo(losses, summaries, out / "demo.png")
+    videos = sorted((out / "eval_trained" / "videos").glob("*.mp4"))
+    summary = {
+        "config": asdict(cfg),
+        "loss_first_20": head, "loss_last_20": tail,
+        "success_rate": {k: s["average"] for k, s in summaries.items()},
+        "wrong_object_rate": {k: wrong_object_rate(v) for k, v in episodes.items()},
+        "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+        "plot": str(plot), "videos": [str(v) for v in videos],
+        "trained_checkpoint": str(trained), "untrained_checkpoint": str(untrained),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n  task: {TASK} (the instruction names one of two cubes)")
+    for label in summaries:
+        print(f"  {label:>9}: success {100 * summary['success_rate'][label]:5.1f}%   "
+              f"picked the other cube {100 * summary['wrong_object_rate'][label]:5.1f}%")
+    print("\n  time per stage:")
+    for name, seconds in times.items():
+        print(f"    {name:<18} {seconds:7.1f} s")
+    print(f"    {'total':<18} {sum(times.values()):7.1f} s")
+    print(f"\n  plot: {plot}\n  videos: {', '.join(str(v) for v in videos) or '-'}\n"
+          f"  summary: {out / 'summary.json'}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for the first trajectory")
+    parser.add_argument("--out", default="runs/demo", help="output directory (replaced)")
+    parser.add_argument("--quick", action="store_true", help="the reduced loop CI runs")
+    parser.add_argument("--steps", type=int, default=None, help="training steps")
+    parser.add_argument("--demos", type=int, default=None, help="demonstration episodes")
+    parser.add_argument("--eval-episodes", type=int, default=None, help="episodes per policy")
     args = parser.parse_args(argv)
-    return run_demo(args.timeout)
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    for key in ("steps", "demos", "eval_episodes"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    try:
+        run_demo(cfg, Path(args.out))
+    except (ValueError, RuntimeError, ImportError) as error:
+        print(f"demo: {error}", flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class Evaluator:
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {process.returncode}")
             bridge = self.reset_publisher.get_subscription_count() > 0
-            policy = (not need_policy or self.node.count_subscriptions(
+            policy = (not need_policy or self.node.count_subscribers(
                 self.embodiment.instruction_topic) > 0)
             if bridge and policy:
                 return
@@ -140,7 +140,8 @@ class Evaluator:
                 self._cond.wait(min(remaining, 0.5))
         frames, self._recording = self._recording or [], None
         result = {key: result[key] for key in ("task", "seed", "instruction", "success",
-                                               "steps", "sim_time", "info", "outcome")}
+                                               "steps", "trajectories", "sim_time", "info",
+                                               "outcome")}
         result["wall_time_s"] = round(time.monotonic() - started, 3)
         return result, frames
 

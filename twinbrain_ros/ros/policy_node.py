@@ -40,6 +40,8 @@ from ..policy.runtime import Observation, PolicyRuntime
 from ..policy.scheduler import Trajectory
 from .conversions import InputError, image_to_rgb, joint_positions, make_trajectory
 
+JOINT_HISTORY = 100  # joint states kept for stamp matching (2 s at 50 Hz)
+
 # Embodiment parameters come from the embodiment's YAML (config/<embodiment>.yaml): declared with
 # a type and no default, so a missing one is an error that names it.
 _EMBODIMENT_TYPES = {
@@ -109,7 +111,9 @@ class PolicyNode(Node):
         emb = self.embodiment
         self._images: dict[str, tuple] = {}     # topic -> (rgb, receipt time, stamp)
         self._image_shapes: dict[str, tuple] = {}
-        self._joints = None                      # (positions, receipt time, stamp)
+        # Recent joint states (positions, receipt time, stamp), newest last: joint states come
+        # much faster than images, so the one stamped nearest the images is used.
+        self._joints = collections.deque(maxlen=JOINT_HISTORY)
         self._instruction = None
         self.rejected = collections.Counter()
         self._last_log: dict[str, float] = {}
@@ -188,7 +192,7 @@ class PolicyNode(Node):
             self._reject(error.cause, f"dropped joint state: {error}")
             return
         with self._lock:
-            self._joints = (positions, self._now(), _stamp(msg))
+            self._joints.append((positions, self._now(), _stamp(msg)))
 
     def _on_instruction(self, msg: String) -> None:
         text = msg.data.strip()
@@ -206,10 +210,11 @@ class PolicyNode(Node):
         """The latest consistent (observation, observation time), or None (cause counted)."""
         with self._lock:
             images = dict(self._images)
-            joints, instruction = self._joints, self._instruction
+            history, instruction = list(self._joints), self._instruction
         topics = self.embodiment.image_topics
-        if joints is None or instruction is None or any(t not in images for t in topics):
+        if not history or instruction is None or any(t not in images for t in topics):
             return None
+        joints = _matching_joint_state(history, [images[t][2] for t in topics])
         now, max_age = self._now(), float(self.params["max_input_age_s"])
         ages = [now - images[t][1] for t in topics] + [now - joints[1]]
         if max(ages) > max_age:
@@ -323,6 +328,14 @@ class PolicyNode(Node):
         self._stop.set()
         self._worker.join(timeout=10.0)
         super().destroy_node()
+
+
+def _matching_joint_state(history: list[tuple], image_stamps: list[float]) -> tuple:
+    """The joint state stamped nearest the newest image; the newest one without stamps."""
+    newest_image = max(image_stamps)
+    if newest_image <= 0 or history[-1][2] <= 0:
+        return history[-1]
+    return min(history, key=lambda joints: abs(joints[2] - newest_image))
 
 
 def _stamp(msg) -> float:

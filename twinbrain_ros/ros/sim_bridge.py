@@ -103,6 +103,7 @@ class SimBridge(Node):
         self._episode_index = -1
         self._steps = 0                 # control steps of the current episode
         self._substeps_done = 0         # simulator steps since the bridge started
+        self._trajectories = 0          # trajectories executed in the current episode
         self._sim_time = 0.0            # monotonic simulated time (the /clock)
         self._reset_request = None      # (seed or None, task or None)
         self._wall_start = None
@@ -153,19 +154,25 @@ class SimBridge(Node):
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         times = [pt.time_from_start.sec + pt.time_from_start.nanosec * 1e-9 for pt in msg.points]
-        positions = [list(pt.positions) for pt in msg.points]
+        try:
+            positions = np.array([list(pt.positions) for pt in msg.points], dtype=np.float64)
+        except ValueError:  # rows of different lengths
+            positions = np.zeros((len(times), 0, 0))
+        if positions.ndim != 2:
+            positions = positions.reshape(len(times), -1) if positions.size else np.zeros(
+                (len(times), 0))
         with self._lock:
             if self._episode is None:
                 return  # between episodes the robot holds still
             now = self._sim_time
             try:
-                self.follower.receive(list(msg.joint_names), np.asarray(times),
-                                      np.asarray(positions, dtype=np.float64).reshape(
-                                          len(times), -1) if positions else np.zeros((0, 0)),
+                self.follower.receive(list(msg.joint_names), np.asarray(times), positions,
                                       stamp if stamp > 0 else now, now)
-            except (TrajectoryError, ValueError) as error:
+            except TrajectoryError as error:
                 self.get_logger().warning(f"ignored a trajectory: {error}",
                                           throttle_duration_sec=2.0)
+                return
+            self._trajectories += 1
 
     def _on_reset(self, msg: String) -> None:
         text = msg.data.strip()
@@ -224,6 +231,7 @@ class SimBridge(Node):
             self._episode = episode
             self._episode_index += 1
             self._steps = 0
+            self._trajectories = 0
         if self.params["expert"]:
             self._expert = self.backend.expert()
         if self.params["publish_instruction"]:
@@ -309,7 +317,8 @@ class SimBridge(Node):
         ep = self._episode
         return {"event": event, "episode": self._episode_index, "task": ep.task,
                 "seed": ep.seed, "instruction": ep.instruction, "success": success,
-                "steps": self._steps, "sim_time": round(self._sim_time, 6),
+                "steps": self._steps, "trajectories": self._trajectories,
+                "sim_time": round(self._sim_time, 6),
                 "info": _jsonable(ep.info),
                 "outcome": _jsonable(self.backend.outcome()) if event == "end" else {}}
 

@@ -75,12 +75,12 @@ class TrajectoryFollower:
         if len(set(names)) != len(names) or not names:
             raise TrajectoryError(f"joint names must be non-empty and unique, got {names}")
         times = np.asarray(times_from_start, dtype=np.float64).reshape(-1)
+        if len(times) == 0:
+            raise TrajectoryError("trajectory has no points")
         positions = np.asarray(positions, dtype=np.float64)
         if positions.ndim != 2 or positions.shape != (len(times), len(names)):
             raise TrajectoryError(f"expected {len(times)} points of {len(names)} positions, "
                                   f"got shape {positions.shape}")
-        if len(times) == 0:
-            raise TrajectoryError("trajectory has no points")
         if not (np.isfinite(times).all() and np.isfinite(positions).all()):
             raise TrajectoryError("trajectory has non-finite times or positions")
         if np.any(np.diff(times) <= 0) or times[0] < 0:
