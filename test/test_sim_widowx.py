@@ -65,7 +65,7 @@ def render_or_skip(backend) -> list[np.ndarray]:
 def test_backend_describes_itself(pick, put):
     assert isinstance(pick, WidowXMujocoBackend) and isinstance(put, WidowXMujocoBackend)
     assert pick.name == "widowx_mujoco"
-    assert pick.tasks == ("pick_cube", "put_cube_on_plate")
+    assert pick.tasks == ("pick_cube", "put_cube_on_plate", "pick_cube_two_slots")
     assert (pick.task, put.task) == ("pick_cube", "put_cube_on_plate")
     assert pick.camera_names == ("front",)
     assert len(pick.camera_names) == len(pick.embodiment.image_topics)
@@ -284,3 +284,27 @@ def test_close_frees_the_renderer(pick):
     pick.close()
     assert pick._renderer is None
     assert render_or_skip(pick)[0].shape == (SIZE, SIZE, 3)  # a new renderer on demand
+
+
+def test_two_slot_picking_puts_the_cubes_left_and_right_in_random_order(converter):
+    from twinbrain_ros.sim.widowx_mujoco import SLOT_JITTER, SLOTS
+
+    backend = make_backend("widowx", task="pick_cube_two_slots", image_width=SIZE,
+                           image_height=SIZE)
+    try:
+        target_left, successes, wrong = [], [], []
+        for seed in range(12):
+            record = run_episode(backend, seed, converter=converter, render=False)
+            info = record.episode.info
+            target, distractor = info["target_position"][:2], info["distractor_position"][:2]
+            slots = np.asarray(SLOTS)
+            for xy in (target, distractor):
+                assert np.min(np.abs(slots - xy).max(axis=1)) <= SLOT_JITTER + 1e-3
+            assert info["target"] in record.episode.instruction
+            target_left.append(target[1] > 0)
+            successes.append(record.success)
+            wrong.append(backend.outcome()["lifted"] not in ("", info["target"]))
+        assert 0 < sum(target_left) < len(target_left)        # both orders occur
+        assert np.mean(successes) >= 0.9 and not any(wrong)
+    finally:
+        backend.close()

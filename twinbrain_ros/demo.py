@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 EMBODIMENT = "widowx"
-TASK = "pick_cube"
+TASK = "pick_cube_two_slots"
 
 
 @dataclass

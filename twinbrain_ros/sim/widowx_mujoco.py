@@ -20,7 +20,10 @@ Changes to the description for simulation, and why:
 Tasks (one per backend instance, see `tasks`): `pick_cube` ("pick up the red cube") and
 `put_cube_on_plate` ("put the red cube on the plate"). Each episode places two cubes of
 different colours (the target and a distractor) and, for placing, a plate, at seeded random
-poses in front of the robot. Success is judged from privileged state, and `expert()` returns a
+poses in front of the robot. `pick_cube_two_slots` is `pick_cube` with the two cubes in a left
+and a right slot (a few centimetres of jitter, random order, colours and yaw): which cube to
+pick is decided by the instruction and the image, the motion itself varies little, so a small
+policy trained from scratch on a CPU can learn it in minutes (the demo's task). Success is judged from privileged state, and `expert()` returns a
 scripted top-down grasping controller that acts in the embodiment's Bridge end-effector delta
 action space.
 
@@ -83,7 +86,12 @@ FINGER_ARMATURE = 0.05     # kg
 # Contact stiffness of finger pads and cubes: stiffer than MuJoCo's default (0.02, 1) so a 12 N
 # grip sinks each pad ~0.4 mm instead of ~0.9 mm into the cube.
 GRASP_SOLREF = (0.01, 1.0)
-TASK_STEPS = {"pick_cube": 40, "put_cube_on_plate": 60}  # control steps at 5 Hz
+TASK_STEPS = {"pick_cube": 40, "put_cube_on_plate": 60,  # control steps at 5 Hz
+              "pick_cube_two_slots": 40}
+PICK_TASKS = ("pick_cube", "pick_cube_two_slots")
+# pick_cube_two_slots: slot centres (base frame, m) and the uniform jitter around them.
+SLOTS = ((0.28, 0.09), (0.28, -0.09))
+SLOT_JITTER = 0.02
 
 
 @functools.lru_cache(maxsize=4)
@@ -264,7 +272,7 @@ class WidowXMujocoBackend(SimBackend):
     """
 
     name = "widowx_mujoco"
-    tasks = ("pick_cube", "put_cube_on_plate")
+    tasks = ("pick_cube", "put_cube_on_plate", "pick_cube_two_slots")
     camera_names = ("front",)
     sim_dt = 0.02
 
@@ -325,6 +333,11 @@ class WidowXMujocoBackend(SimBackend):
                 if xy[0] >= X_MIN and abs(xy[1]) <= Y_ABS_MAX:
                     return xy
 
+        if self.task == "pick_cube_two_slots":
+            order = rng.permutation(2)
+            cubes = np.asarray(SLOTS)[order] + rng.uniform(-SLOT_JITTER, SLOT_JITTER, (2, 2))
+            yaws = rng.uniform(-math.pi / 4, math.pi / 4, size=2)
+            return _Layout(str(target), str(distractor), cubes, yaws, None)
         while True:
             cubes = np.stack([sample_xy(), sample_xy()])
             if np.linalg.norm(cubes[0] - cubes[1]) < CUBE_SPACING:
@@ -366,7 +379,7 @@ class WidowXMujocoBackend(SimBackend):
         self._rest_z = np.array([d.xpos[b][2] for b in self._cube_bodies])
         self._max_lift = np.zeros(2)
 
-        if self.task == "pick_cube":
+        if self.task in PICK_TASKS:
             instruction = f"pick up the {layout.target} cube"
         else:
             instruction = f"put the {layout.target} cube on the plate"
@@ -488,7 +501,7 @@ class WidowXMujocoBackend(SimBackend):
         """Picking: target lifted >= 5 cm, distractor not. Placing: target let go on the plate."""
         if self._layout is None:
             return False
-        if self.task == "pick_cube":
+        if self.task in PICK_TASKS:
             return self.lift_height(0) >= 0.05 and self.lift_height(1) < 0.02
         position, _ = self.cube_pose(0)
         plate = self.plate_position()
