@@ -9,7 +9,7 @@ from twinbrain_ros.embodiment import Embodiment, EmbodimentError, config_dir
 
 
 @pytest.mark.parametrize("name, action_space, joints", [("widowx", "ee_delta", 7),
-                                                        ("gr1", "joint_position", 17)])
+                                                        ("gr1", "joint_position", 29)])
 def test_shipped_descriptions_load(name, action_space, joints):
     emb = Embodiment.load(name)
     assert emb.name == name and emb.action_space == action_space
@@ -36,7 +36,7 @@ def _write(tmp_path, **overrides):
 
 
 def test_inconsistent_descriptions_are_named(tmp_path):
-    with pytest.raises(EmbodimentError, match="joint_lower_limits has 2 values for 17 joints"):
+    with pytest.raises(EmbodimentError, match="joint_lower_limits has 2 values for 29 joints"):
         Embodiment.from_yaml(_write(tmp_path, joint_lower_limits=[0.0, 1.0]))
     with pytest.raises(EmbodimentError, match="action_space 'torque'"):
         Embodiment.from_yaml(_write(tmp_path, action_space="torque"))

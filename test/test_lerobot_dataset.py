@@ -198,7 +198,7 @@ def test_dims_must_match_the_embodiment(tmp_path, widowx, gr1):
         LeRobotDataset(tmp_path / "six", horizon=2, embodiment=widowx)
     write(tmp_path / "wx", widowx, "v3.0", use_videos=False, lengths=(2,))
     with pytest.raises(DatasetError, match="observation.state: dataset has 7 dims, embodiment "
-                                           "gr1 expects 17"):
+                                           "gr1 expects 29"):
         LeRobotDataset(tmp_path / "wx", horizon=2, embodiment=gr1)
 
 
@@ -259,7 +259,7 @@ def test_norm_stats_per_embodiment(tmp_path, widowx, gr1):
     assert (g.action.mode, g.state.mode, g.action.binary) == ("min_max", "min_max", [])
     np.testing.assert_allclose(g.state.min, gr1_states.min(0), rtol=1e-6)
     np.testing.assert_allclose(g.state.max, gr1_states.max(0), rtol=1e-6)
-    assert g.action.dim == g.state.dim == 17
+    assert g.action.dim == g.state.dim == 29
 
 
 def test_mixture_weights_and_seeded_order(tmp_path, widowx, gr1):

@@ -26,8 +26,8 @@ def test_missing_key_and_sizes_are_named():
     gr1 = Embodiment.load("gr1")
     with pytest.raises(ValueError, match="has no embodiment 'gr1'"):
         check_compatible({"widowx": EmbodimentSpec(7, 7)}, gr1, "ck")
-    with pytest.raises(ValueError, match=r"'state_dim': \(16, 17\)"):
-        check_compatible({"gr1": EmbodimentSpec(16, 17)}, gr1, "ck")
+    with pytest.raises(ValueError, match=r"'state_dim': \(16, 29\)"):
+        check_compatible({"gr1": EmbodimentSpec(16, 29)}, gr1, "ck")
 
 
 def test_cuda_request_without_cuda_is_an_error():

@@ -1,7 +1,8 @@
 """Demo: scripted demonstrations -> training -> closed-loop evaluation through ROS, on a CPU.
 
 1. records scripted demonstrations of the simulated WidowX 250 picking the cube the
-   instruction names (two cubes of different colours on the table), as a LeRobot dataset;
+   instruction names (`pick_cube_two_slots`: two cubes of different colours in a left and a
+   right slot, in random order), as a LeRobot dataset;
 2. trains a small TwinBrainVLA (tiny random-weight Qwen3-VL twin brains, a small DiT action
    expert) on them;
 3. runs the closed-loop evaluation through the ROS topics (sim bridge + policy node, exactly as

@@ -20,11 +20,12 @@ Changes to the description for simulation, and why:
 Tasks (one per backend instance, see `tasks`): `pick_cube` ("pick up the red cube") and
 `put_cube_on_plate` ("put the red cube on the plate"). Each episode places two cubes of
 different colours (the target and a distractor) and, for placing, a plate, at seeded random
-poses in front of the robot. `pick_cube_two_slots` is `pick_cube` with the two cubes in a left
-and a right slot (a few centimetres of jitter, random order, colours and yaw): which cube to
-pick is decided by the instruction and the image, the motion itself varies little, so a small
-policy trained from scratch on a CPU can learn it in minutes (the demo's task). Success is judged from privileged state, and `expert()` returns a
-scripted top-down grasping controller that acts in the embodiment's Bridge end-effector delta
+poses in front of the robot. `pick_cube_two_slots` is `pick_cube` with a red and a blue
+cube in a left and a right slot (a few centimetres of jitter; random order, target and yaw):
+which cube to pick is decided by the instruction and the image together while the motion
+varies little, so a small policy trained from scratch on a CPU learns it in minutes (the
+demo's task). Success is judged from privileged state, and `expert()` returns a scripted
+top-down grasping controller that acts in the embodiment's Bridge end-effector delta
 action space.
 
 Options (keyword arguments of the constructor): `image_width`, `image_height` (camera frame
@@ -92,6 +93,7 @@ PICK_TASKS = ("pick_cube", "pick_cube_two_slots")
 # pick_cube_two_slots: slot centres (base frame, m) and the uniform jitter around them.
 SLOTS = ((0.28, 0.09), (0.28, -0.09))
 SLOT_JITTER = 0.02
+SLOT_COLORS = ["red", "blue"]  # two words and two colours to ground, in either slot
 
 
 @functools.lru_cache(maxsize=4)
@@ -323,7 +325,8 @@ class WidowXMujocoBackend(SimBackend):
 
     def _sample_layout(self, rng: np.random.Generator) -> _Layout:
         """Cube colours, cube poses and the plate position for one seed."""
-        target, distractor = rng.choice(list(COLORS), size=2, replace=False)
+        palette = SLOT_COLORS if self.task == "pick_cube_two_slots" else list(COLORS)
+        target, distractor = rng.choice(palette, size=2, replace=False)
 
         def sample_xy() -> np.ndarray:
             while True:

@@ -1,0 +1,608 @@
+"""Fourier GR1 with Fourier hands in robosuite's tabletop pick-and-place (`PickPlace*`).
+
+The robot is robosuite's `GR1FixedLowerBody` (legs fixed; waist, head, arms and hands driven).
+Arms and waist follow absolute joint position targets through robosuite's JOINT_POSITION part
+controllers; each hand takes six joint angle targets through its GRIP controller (unscaled, so
+a hand action is the angle itself); the head is held still. The embodiment (`config/gr1.yaml`:
+left arm, right arm, left hand, right hand, waist) lists exactly these driven joints, and
+`step` / `joint_state` use its order.
+
+A task is one of robosuite's single-object PickPlace environments: the object starts somewhere
+in the bin on the robot's right and has to go into its compartment of the four-compartment bin
+on the robot's left. Success is robosuite's own check (object in the compartment, hand away).
+The one camera is robosuite's "agentview" (both hands, both bins), rendered on demand only.
+
+The scripted expert reads the object pose from the simulator, solves the arm and waist inverse
+kinematics with MuJoCo Jacobians (damped least squares on a point under the palm), grasps the
+object with the fingers and thumb (no welding), carries it over the compartment and lets go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..embodiment import Embodiment
+from .base import Episode, ScriptedExpert, SimBackend, SimError
+
+
+def _quiet_robosuite() -> None:
+    """Keep robosuite's import-time advice (macros file, optional models) off the console.
+
+    robosuite logs through the "robosuite_logs" logger and resets its level on import, so a
+    filter (which a level reset leaves alone) drops everything below ERROR; errors still show.
+    """
+    logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, _BelowError) for f in logger.filters):
+        logger.addFilter(_BelowError())
+
+
+class _BelowError(logging.Filter):
+    """Lets only ERROR and above through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True for records of level ERROR or above."""
+        return record.levelno >= logging.ERROR
+
+
+_quiet_robosuite()
+# Cameras render offscreen: on Linux use EGL unless told otherwise, as robosuite itself does
+# (MuJoCo reads this when it is first imported; GLFW would need a display).
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+import mujoco  # noqa: E402 - after the filter and MUJOCO_GL, see above
+import robosuite  # noqa: E402
+
+# Hand DoF in robosuite's Fourier hand action order, with the MuJoCo joint whose angle stands for
+# it in the joint state (the gripper controller copies each finger action to the proximal and
+# the intermediate joint, and the thumb pitch action to the thumb's pitch and distal joint).
+HAND_DOFS = (("pinky", "pinky_proximal_joint"), ("ring", "ring_proximal_joint"),
+             ("middle", "middle_proximal_joint"), ("index", "index_proximal_joint"),
+             ("thumb_pitch", "thumb_proximal_pitch_joint"),
+             ("thumb_yaw", "thumb_proximal_yaw_joint"))
+ROBOT = "GR1FixedLowerBody"
+SIDES = {"l": "left", "r": "right"}
+# Grip-site orientation of a hand with its palm facing down and its fingers pointing forward
+# (the grip site's z axis is the palm normal, its -y axis the finger direction).
+PALM_DOWN = np.column_stack([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+@dataclass(frozen=True)
+class _TaskSpec:
+    """One single-object PickPlace task."""
+
+    env_name: str        # robosuite environment
+    object_name: str     # robosuite object (body "<name>_main")
+    noun: str            # how the instruction names it
+
+
+# Only the can for now: the expert's top grasp (thumb against fingers, hand yaw left free) holds a
+# round object; milk, bread and cereal boxes would need grasps turned to the box's faces (it
+# placed them in 16/24, 4/8 and 2/8 episodes).
+TASKS: dict[str, _TaskSpec] = {
+    "pick_place_can": _TaskSpec("PickPlaceCan", "Can", "soda can"),
+}
+
+EPISODE_SECONDS = 25.0
+# Where each object's compartment of the goal bin lies, as the robot sees it (robosuite numbers
+# them 0..3: near/far along x, right/left along y).
+COMPARTMENT_WORDS = ("near right", "far right", "near left", "far left")
+INSTRUCTIONS = (
+    "pick up the {noun} and place it in the {where} compartment of the left bin",
+    "put the {noun} into the {where} compartment of the bin on the left",
+    "move the {noun} from the right bin to the {where} section of the left bin",
+    "grab the {noun} and drop it in the {where} compartment of the left bin",
+)
+
+
+def _part_controller(kp: float) -> dict:
+    """An absolute joint position controller (PD with gravity and inertia compensation)."""
+    return {"type": "JOINT_POSITION", "input_type": "absolute", "kp": kp, "damping_ratio": 1.0,
+            "impedance_mode": "fixed", "interpolation": None,
+            # absolute targets are not scaled, but the controller still reads these
+            "input_max": 1, "input_min": -1, "output_max": 1, "output_min": -1,
+            "kp_limits": [0, 10 * kp], "damping_ratio_limits": [0, 10]}
+
+
+def _controller_config(kp: float) -> dict:
+    """Composite controller: joint positions for arms, waist and head; hand angles unscaled."""
+    hand = {"type": "GRIP", "use_action_scaling": False}
+    return {"type": "BASIC", "body_parts": {
+        "right": dict(_part_controller(kp), gripper=hand),
+        "left": dict(_part_controller(kp), gripper=hand),
+        "torso": _part_controller(kp),
+        "head": _part_controller(kp),
+    }}
+
+
+class GR1RobosuiteBackend(SimBackend):
+    """GR1 with Fourier hands in robosuite's single-object PickPlace tasks.
+
+    Options:
+        image_width, image_height: camera size in pixels (224).
+        camera: the robosuite camera rendered for the image topic ("agentview").
+        control_freq: robosuite control rate in Hz; `sim_dt` is its period (40).
+        kp: stiffness of the arm and waist joint controllers (1500).
+    """
+
+    name = "gr1_robosuite"
+    tasks = tuple(TASKS)
+
+    def __init__(self, embodiment: Embodiment, task: str, image_width: int = 224,
+                 image_height: int = 224, camera: str = "agentview", control_freq: int = 40,
+                 kp: float = 1500.0):
+        """Build the robosuite environment for `task`.
+
+        Raises:
+            SimError: unknown task, a control rate that does not divide the embodiment's, or an
+                embodiment whose joints are not this robot's.
+        """
+        if task not in TASKS:
+            raise SimError(f"gr1_robosuite has no task {task!r}; its tasks: {list(TASKS)}")
+        substeps = control_freq * embodiment.dt
+        if control_freq <= 0 or abs(substeps - round(substeps)) > 1e-9:
+            raise SimError(f"control_freq {control_freq} Hz does not divide the embodiment's "
+                           f"control period of {embodiment.dt} s")
+        self.env = None
+        self._renderer = None
+        self._renderer_model = None
+        self.embodiment = embodiment
+        self.task = task
+        self.spec = TASKS[task]
+        self.sim_dt = 1.0 / control_freq
+        self.camera_names = (camera,)
+        self.image_size = (int(image_height), int(image_width))
+        self.env = robosuite.make(
+            self.spec.env_name, robots=ROBOT, controller_configs=_controller_config(kp),
+            has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
+            control_freq=control_freq, horizon=10**9, ignore_done=True, hard_reset=False,
+            initialization_noise=None, reward_shaping=False)
+        # robosuite builds the MuJoCo model on its first reset.
+        self.env.reset()
+        self._map_joints()
+        self._head_hold = self.data.qpos[self._head_qpos].copy()
+        if camera not in self._camera_list():
+            raise SimError(f"camera {camera!r} is not in the scene: {self._camera_list()}")
+        self._time = 0.0
+        self._episode: Episode | None = None
+        # What robosuite's own cameras show: visual meshes, not the collision hulls (group 0).
+        self._scene_option = mujoco.MjvOption()
+        self._scene_option.geomgroup[:] = [0, 1, 1, 0, 0, 0]
+
+    # ---- joint bookkeeping -------------------------------------------------------------------
+
+    def _map_joints(self) -> None:
+        """Embodiment joints <-> qpos/qvel addresses and slots of robosuite's action vector."""
+        model = self.env.sim.model._model
+        robot = self.env.robots[0]
+        composite = robot.composite_controller
+        split = composite._action_split_indexes
+        self.action_dim = int(max(end for _, end in split.values()))
+        qpos, qvel, slot = [], [], []
+        for name in self.embodiment.joint_names:
+            side, _, rest = name.partition("_")
+            if rest.startswith("hand_") and side in SIDES:
+                dofs = [d for d, _ in HAND_DOFS]
+                dof = rest[len("hand_"):]
+                if dof not in dofs:
+                    raise SimError(f"embodiment joint {name!r} is not a Fourier hand DoF {dofs}")
+                index = dofs.index(dof)
+                prefix = "L" if side == "l" else "R"
+                joint = f"gripper0_{SIDES[side]}_{prefix}_{HAND_DOFS[index][1]}"
+                start, _ = split[f"{SIDES[side]}_gripper"]
+                slot.append(start + index)
+            else:
+                joint = f"robot0_{name}"
+                part = "torso" if name.startswith("torso_") else SIDES.get(side)
+                controller = composite.part_controllers.get(part)
+                if controller is None or joint not in controller.joint_names:
+                    raise SimError(f"embodiment joint {name!r} is not a joint of robosuite's "
+                                   f"{ROBOT} arms or waist")
+                start, _ = split[part]
+                slot.append(start + controller.joint_names.index(joint))
+            jid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, joint)
+            qpos.append(model.jnt_qposadr[jid])
+            qvel.append(model.jnt_dofadr[jid])
+        self._qpos = np.asarray(qpos)
+        self._qvel = np.asarray(qvel)
+        self._slot = np.asarray(slot)
+        if len(set(slot)) != len(slot):
+            raise SimError("embodiment joints map to the same robosuite action twice")
+        # Actions robosuite expects that the embodiment does not drive (the head): hold them.
+        head = composite.part_controllers["head"]
+        start, end = split["head"]
+        self._head_slots = np.arange(start, end)
+        self._head_qpos = np.asarray([model.jnt_qposadr[mujoco.mj_name2id(
+            model, mujoco.mjtObj.mjOBJ_JOINT, j)] for j in head.joint_names])
+        missing = set(range(self.action_dim)) - set(slot) - set(self._head_slots.tolist())
+        if missing:
+            raise SimError(f"robosuite actions {sorted(missing)} have no embodiment joint")
+
+    def _camera_list(self) -> list[str]:
+        model = self.env.sim.model._model
+        return [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+
+    @property
+    def model(self) -> mujoco.MjModel:
+        """The live MuJoCo model."""
+        return self.env.sim.model._model
+
+    @property
+    def data(self) -> mujoco.MjData:
+        """The live MuJoCo data."""
+        return self.env.sim.data._data
+
+    # ---- SimBackend --------------------------------------------------------------------------
+
+    def reset(self, seed: int) -> Episode:
+        """Place the object from `seed` (robosuite's sampler draws from the env's generator)."""
+        # The placement samplers hold the env's Generator itself: reseed it in place.
+        self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        self.env.reset()
+        self._head_hold = self.data.qpos[self._head_qpos].copy()
+        self._time = 0.0
+        env = self.env
+        compartment = int(env.object_id)
+        where = COMPARTMENT_WORDS[compartment]
+        template = INSTRUCTIONS[np.random.default_rng(seed).integers(len(INSTRUCTIONS))]
+        self._episode = Episode(
+            task=self.task, seed=int(seed),
+            instruction=template.format(noun=self.spec.noun, where=where),
+            # The expert needs 6-8 s, or up to 16 s when it has to grasp again: 25 s.
+            max_steps=int(round(EPISODE_SECONDS / self.embodiment.dt)),
+            info={"object": self.spec.object_name.lower(), "compartment": where,
+                  "target": [float(v) for v in env.target_bin_placements[compartment]]})
+        return self._episode
+
+    def step(self, targets: np.ndarray) -> None:
+        """Hold `targets` (embodiment order, clipped to the limits) for `sim_dt` seconds."""
+        targets = np.asarray(targets, dtype=np.float64)
+        if targets.shape != (self.embodiment.state_dim,):
+            raise ValueError(f"expected {self.embodiment.state_dim} joint targets, got "
+                             f"{targets.shape}")
+        # robosuite's action bounds are infinite for absolute targets: the limits are ours.
+        targets = np.clip(targets, self.embodiment.lower, self.embodiment.upper)
+        action = np.zeros(self.action_dim)
+        action[self._slot] = targets
+        action[self._head_slots] = self._head_hold
+        self.env.step(action)
+        self._time += self.sim_dt
+
+    def joint_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, velocities) in embodiment order; hands: the driving joints' angles."""
+        return self.data.qpos[self._qpos].copy(), self.data.qvel[self._qvel].copy()
+
+    def render(self) -> list[np.ndarray]:
+        """The camera frame, HxWx3 uint8."""
+        if self._renderer is None or self._renderer_model is not self.model:
+            self._close_renderer()
+            height, width = self.image_size
+            self._renderer = mujoco.Renderer(self.model, height, width)
+            self._renderer_model = self.model
+        self._renderer.update_scene(self.data, camera=self.camera_names[0],
+                                    scene_option=self._scene_option)
+        # Floor reflections re-render the whole scene (costly without a GPU) for little detail.
+        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        return [self._renderer.render().copy()]
+
+    def success(self) -> bool:
+        """Whether the object rests in its compartment, hands away (robosuite's own check)."""
+        return bool(self.env._check_success())
+
+    def expert(self) -> ScriptedExpert:
+        """The scripted grasp-carry-release expert for the current episode."""
+        if self._episode is None:
+            raise SimError("call reset() before expert()")
+        return PickPlaceExpert(self)
+
+    @property
+    def time(self) -> float:
+        """Simulated seconds since the last reset."""
+        return self._time
+
+    def close(self) -> None:
+        """Release the renderer and the robosuite environment."""
+        self._close_renderer()
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def _close_renderer(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+    # ---- privileged state for the expert -----------------------------------------------------
+
+    def object_position(self) -> np.ndarray:
+        """World position of the task object's body."""
+        body = self.env.obj_body_id[self.spec.object_name]
+        return self.data.xpos[body].copy()
+
+    def object_extent(self) -> tuple[float, float]:
+        """(lowest, highest) world height of the task object's collision geometry."""
+        model, data = self.model, self.data
+        body = self.env.obj_body_id[self.spec.object_name]
+        low, high = np.inf, -np.inf
+        for geom in np.flatnonzero((model.geom_bodyid == body) & (model.geom_contype > 0)):
+            if model.geom_type[geom] == mujoco.mjtGeom.mjGEOM_MESH:
+                mesh = model.geom_dataid[geom]
+                start, count = model.mesh_vertadr[mesh], model.mesh_vertnum[mesh]
+                local = model.mesh_vert[start:start + count]
+            else:  # a primitive: the corners of its bounding box
+                center, half = model.geom_aabb[geom].reshape(2, 3)
+                local = center + half * np.array(np.meshgrid(*[[-1, 1]] * 3)).reshape(3, -1).T
+            heights = local @ data.geom_xmat[geom].reshape(3, 3)[2] + data.geom_xpos[geom][2]
+            low, high = min(low, heights.min()), max(high, heights.max())
+        return float(low), float(high)
+
+    def bin_wall_top(self) -> float:
+        """Height of the goal bin's walls (the highest point of its geoms)."""
+        model, data = self.model, self.data
+        bin_body = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "bin2")
+        geoms = np.flatnonzero(model.geom_bodyid == bin_body)
+        return float(max(data.geom_xpos[g][2] + model.geom_size[g][2] for g in geoms))
+
+    def target_position(self) -> np.ndarray:
+        """Centre of the object's compartment on the goal bin's floor."""
+        return np.asarray(self.env.target_bin_placements[int(self.env.object_id)], dtype=float)
+
+
+class ArmIK:
+    """Damped least-squares inverse kinematics of one arm (and the waist), on a copy of the data.
+
+    The controlled point is `point`, fixed in the hand's grip-site frame; the orientation is the
+    grip site's. Each solve starts from given joint values, so solving every control step from
+    the last command gives small, smooth joint changes.
+    """
+
+    def __init__(self, backend: GR1RobosuiteBackend, side: str, point=(0.0, 0.0, 0.0),
+                 waist: bool = True):
+        """Chain of arm `side` ("l" or "r"), with the waist joints when `waist`.
+
+        `point`: the controlled point in the grip-site frame (m).
+        """
+        model = backend.model
+        self.model = model
+        self.data = mujoco.MjData(model)
+        self.point = np.asarray(point, dtype=float)
+        emb = backend.embodiment
+        names = [n for n in emb.joint_names
+                 if n.startswith(f"{side}_") and not n.startswith(f"{side}_hand_")]
+        if waist:
+            names += [n for n in emb.joint_names if n.startswith("torso_")]
+        self.index = np.asarray([emb.joint_names.index(n) for n in names])
+        self.qpos = backend._qpos[self.index]
+        self.dof = backend._qvel[self.index]
+        self.lower, self.upper = emb.lower[self.index], emb.upper[self.index]
+        # The waist moves the whole upper body: make it expensive, so the arm does most.
+        self.cost = np.where([n.startswith("torso_") for n in names], 8.0, 1.0)
+        site = f"gripper0_{SIDES[side]}_grip_site"
+        self.site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, site)
+        self.body = model.site_bodyid[self.site]
+        self._jacp = np.zeros((3, model.nv))
+        self._jacr = np.zeros((3, model.nv))
+
+    def frame(self, qpos: np.ndarray, q: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(controlled point, grip-site rotation) for the full `qpos` with the chain set to `q`."""
+        self.data.qpos[:] = qpos
+        if q is not None:
+            self.data.qpos[self.qpos] = q
+        mujoco.mj_kinematics(self.model, self.data)
+        rot = self.data.site_xmat[self.site].reshape(3, 3).copy()
+        return self.data.site_xpos[self.site] + rot @ self.point, rot
+
+    def solve(self, qpos: np.ndarray, q: np.ndarray, position: np.ndarray,
+              rotation: np.ndarray, q_rest: np.ndarray, iterations: int = 10,
+              yaw_free: bool = True) -> tuple[np.ndarray, float]:
+        """Chain joint values that put the point at `position` with the hand at `rotation`.
+
+        Args:
+            qpos: the full qpos (objects, other arm) the chain lives in.
+            q: chain joint values to start from (order of `index`).
+            position: the target of the controlled point (world frame).
+            rotation: the target grip-site orientation (world frame).
+            q_rest: a comfortable posture the solution is weakly pulled towards.
+            iterations: Levenberg-Marquardt steps.
+            yaw_free: match only the palm normal (the grip site's z axis), not the hand's yaw
+                about it; a round object does not care, and the arm reaches further.
+
+        Returns:
+            (joint values, remaining position error in metres).
+        """
+        q = np.clip(np.asarray(q, dtype=float).copy(), self.lower, self.upper)
+        # Metres of position error that one radian of orientation error is worth.
+        rot_weight = 0.3
+        regularization = 1e-3 * np.diag(self.cost)
+        for _ in range(iterations):
+            point, rot = self.frame(qpos, q)
+            mujoco.mj_comPos(self.model, self.data)
+            mujoco.mj_jac(self.model, self.data, self._jacp, self._jacr, point, self.body)
+            # Rotation vector (small-angle) that turns the hand towards the target.
+            if yaw_free:
+                err_rot = np.cross(rot[:, 2], rotation[:, 2])
+            else:
+                err_rot = 0.5 * sum(np.cross(rot[:, i], rotation[:, i]) for i in range(3))
+            jac = np.vstack([self._jacp[:, self.dof], rot_weight * self._jacr[:, self.dof]])
+            err = np.concatenate([position - point, rot_weight * err_rot])
+            # Levenberg-Marquardt with a weak pull towards the rest posture.
+            lhs = jac.T @ jac + regularization + 1e-3 * np.eye(len(q))
+            step = np.linalg.solve(lhs, jac.T @ err + 1e-3 * (q_rest - q))
+            step *= min(1.0, 0.3 / max(np.abs(step).max(), 1e-9))  # stay in the linear regime
+            q = np.clip(q + step, self.lower, self.upper)
+        point, _ = self.frame(qpos, q)
+        return q, float(np.linalg.norm(position - point))
+
+
+
+class PickPlaceExpert(ScriptedExpert):
+    """Grasp the object from above with one hand, carry it over its compartment, let go.
+
+    The motion is a script (a generator yielding one joint target vector per control step) of
+    straight, smooth moves of the grasp point (where the object's top centre sits under the
+    palm): above the object with the thumb turned down, down onto the object, fingers and thumb
+    closed, up over the bin walls, over the compartment, open, up and away. The fingers really
+    hold the object (nothing is welded); if it did not come up or was dropped on the way, the
+    hand opens and tries again from where the object lies then.
+
+    Hand vectors follow the embodiment's hand order: pinky, ring, middle, index, thumb pitch,
+    thumb yaw.
+    """
+
+    # Grasp point in the grip-site frame of the left hand (mirrored in x for the right): the
+    # palm faces +z (its surface at z = 0.024), fingers point along -y, the thumb sits on +x.
+    GRASP_POINT = (0.0, -0.07, 0.028)
+    HAND_OPEN = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    HAND_PRESHAPE = (0.0, 0.0, 0.0, 0.0, 0.0, 1.3)    # thumb turned down beside the object
+    HAND_CLOSED = (1.57, 1.57, 1.57, 1.57, 1.22, 1.3)  # past contact: that is the squeeze
+    SPEED = 0.3           # m/s of the grasp point along a move
+    SLOW = 0.15           # m/s near the object
+    CLEARANCE = 0.05      # object bottom above the goal bin's walls while carrying (m)
+    ATTEMPTS = 3
+
+    def __init__(self, backend: GR1RobosuiteBackend):
+        """Plan for the backend's current episode."""
+        self.backend = backend
+        emb = backend.embodiment
+        self.emb = emb
+        self.step_limit = 0.95 * emb.max_step  # stay inside the policy's safety limits
+        q, _ = backend.joint_state()
+        self.command = q.copy()
+        self.rest = q.copy()
+        self.side = self._choose_arm()
+        point = np.array(self.GRASP_POINT) * ([1, 1, 1] if self.side == "l" else [-1, 1, 1])
+        self.ik = ArmIK(backend, self.side, point)
+        self.hand = np.asarray([emb.joint_names.index(f"{self.side}_hand_{dof}")
+                                for dof, _ in HAND_DOFS])
+        # The other hand keeps its place in the world while the waist turns and leans, so that
+        # it stays clear of the bins.
+        self.idle = ArmIK(backend, "l" if self.side == "r" else "r", waist=False)
+        self.idle_pose = self.idle.frame(backend.data.qpos.copy())
+        self._script = self._pick_and_place()
+
+    def act(self) -> np.ndarray:
+        """Next joint targets; the last one is held once the script is done."""
+        try:
+            self.command = next(self._script)
+        except StopIteration:
+            pass
+        return self.command.copy()
+
+    # ---- planning --------------------------------------------------------------------------
+
+    def _choose_arm(self) -> str:
+        """The arm whose shoulder is nearer the object, unless only the other reaches both ends."""
+        backend = self.backend
+        qpos = backend.data.qpos.copy()
+        _, top = backend.object_extent()
+        obj = np.append(backend.object_position()[:2], top)
+        release = np.append(backend.target_position()[:2], self._carry_height())
+
+        def distance(side: str) -> float:
+            site = mujoco.mj_name2id(backend.model, mujoco.mjtObj.mjOBJ_SITE,
+                                     f"robot0_{side}_shoulder_site")
+            return float(np.linalg.norm(backend.data.site_xpos[site][:2] - obj[:2]))
+
+        def reaches(side: str) -> bool:
+            point = np.array(self.GRASP_POINT) * ([1, 1, 1] if side == "l" else [-1, 1, 1])
+            ik = ArmIK(backend, side, point)
+            rest = self.rest[ik.index]
+            return all(ik.solve(qpos, rest, p, PALM_DOWN, rest, iterations=150)[1] < 0.01
+                       for p in (obj, release))
+
+        order = sorted(SIDES, key=distance)
+        return next((side for side in order if reaches(side)), order[0])
+
+    def _carry_height(self) -> float:
+        """Grasp point height at which the held object clears the goal bin's walls."""
+        bottom, top = self.backend.object_extent()
+        return self.backend.bin_wall_top() + self.CLEARANCE + (top - bottom)
+
+    # ---- the script ------------------------------------------------------------------------
+
+    def _pick_and_place(self):
+        for _ in range(self.ATTEMPTS):
+            if (yield from self._pick()) and (yield from self._carry()):
+                yield from self._release()
+                return
+            # Missed or dropped it: open up and start over from wherever it lies now.
+            yield from self._move(self._point() + [0.0, 0.0, 0.05], self.HAND_OPEN, settle=0.3)
+
+    def _pick(self):
+        """Grasp the object from above and lift it; returns whether it came up."""
+        backend = self.backend
+        carry = self._carry_height()
+        top = np.append(backend.object_position()[:2], backend.object_extent()[1])
+        yield from self._move(np.append(top[:2], max(top[2] + 0.12, carry)), self.HAND_PRESHAPE)
+        # Aim again right before going down (the hand may have nudged the object).
+        top = np.append(backend.object_position()[:2], backend.object_extent()[1])
+        yield from self._move(top, self.HAND_PRESHAPE, speed=self.SLOW)
+        yield from self._move(top, self.HAND_CLOSED, settle=1.0)
+        yield from self._move(np.append(top[:2], carry), self.HAND_CLOSED, speed=self.SLOW)
+        return self._holding()
+
+    def _carry(self):
+        """Bring the held object over its compartment; returns whether it is still held."""
+        backend = self.backend
+        target = backend.target_position()
+        carry = self._carry_height()
+        yield from self._move(np.append(target[:2], carry), self.HAND_CLOSED)
+        if not self._holding():
+            return False
+        # Put the object, not the hand, over the compartment centre.
+        offset = self._point()[:2] - backend.object_position()[:2]
+        yield from self._move(np.append(target[:2] + offset, carry), self.HAND_CLOSED,
+                              speed=self.SLOW)
+        return self._holding()
+
+    def _release(self):
+        """Open the hand over the compartment and move up, away from the object."""
+        yield from self._move(self._point(), self.HAND_OPEN, settle=0.8)
+        yield from self._move(self._point() + [0.0, 0.0, 0.12], self.HAND_OPEN, speed=self.SLOW)
+
+    def _holding(self) -> bool:
+        """Whether the object hangs in the hand (near the grasp point, above the bin floors)."""
+        point = self.ik.frame(self.backend.data.qpos.copy())[0]
+        bottom, top = self.backend.object_extent()
+        near = np.linalg.norm(self.backend.object_position()[:2] - point[:2]) < 0.06
+        return bool(near and top > point[2] - 0.06 and bottom > self.backend.bin_wall_top() - 0.02)
+
+    def _point(self) -> np.ndarray:
+        """Where the commanded joints put the grasp point."""
+        return self.ik.frame(self.backend.data.qpos.copy(), self.command[self.ik.index])[0]
+
+    def _move(self, position, hand, speed: float | None = None, settle: float = 0.0):
+        """Yield joint targets that move the grasp point to `position` in a straight line.
+
+        Args:
+            position: goal of the grasp point (world, m).
+            hand: hand joint targets, approached at the hand's step limit.
+            speed: m/s along the line (default `SPEED`).
+            settle: extra seconds to keep commanding the goal (e.g. for the fingers to close).
+        """
+        dt = self.emb.dt
+        position = np.asarray(position, dtype=float)
+        start = self._point()
+        # Mean speed `speed`, so the peak of the cosine profile is pi/2 of it.
+        distance = np.linalg.norm(position - start)
+        steps = max(1, int(np.ceil(distance / (speed or self.SPEED) / dt)))
+        qpos = self.backend.data.qpos.copy()
+        rest = self.rest[self.ik.index]
+        for k in range(steps + int(round(settle / dt))):
+            # Smooth start and stop (cosine profile), so a held object is not shaken loose.
+            alpha = 0.5 - 0.5 * np.cos(np.pi * min(1.0, (k + 1) / steps))
+            point = start + alpha * (position - start)
+            goal = self.command.copy()
+            goal[self.ik.index], _ = self.ik.solve(qpos, self.command[self.ik.index], point,
+                                                   PALM_DOWN, rest)
+            qpos[self.ik.qpos] = goal[self.ik.index]  # the idle arm hangs on the new waist
+            goal[self.idle.index], _ = self.idle.solve(
+                qpos, self.command[self.idle.index], *self.idle_pose,
+                self.rest[self.idle.index], iterations=5, yaw_free=False)
+            goal[self.hand] = hand
+            yield self.command + np.clip(goal - self.command, -self.step_limit, self.step_limit)
