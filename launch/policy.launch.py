@@ -26,7 +26,7 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument(
             "embodiment", default_value="widowx", choices=["widowx", "gr1"],
-            description="robot: widowx (WidowX 250, Bridge) or gr1 (Fourier GR1 arms)"),
+            description="robot: widowx (WidowX 250, Bridge) or gr1 (Fourier GR1 with hands)"),
         DeclareLaunchArgument(
             "checkpoint", default_value="",
             description="TwinBrainVLA checkpoint directory (required)"),

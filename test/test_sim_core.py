@@ -1,4 +1,4 @@
-"""Trajectory execution in simulation behaves like a joint trajectory controller."""
+"""Simulation core: trajectory execution like a controller, the backend registry, recording."""
 
 from __future__ import annotations
 
@@ -85,3 +85,51 @@ def test_summary_is_avg_at_n_over_tasks():
     assert summary["average"] == pytest.approx(0.5)
     table = format_table(summary)
     assert "75.0%" in table and "50.0%" in table and "Avg@4" in table
+
+
+def test_unknown_backends_and_tasks_are_named():
+    from twinbrain_ros.sim import SimError, backend_names, make_backend
+
+    with pytest.raises(SimError, match="unknown simulation backend 'gazebo'"):
+        make_backend("gazebo")
+    assert {"widowx_mujoco", "gr1_robosuite"} <= set(backend_names())
+
+
+def test_a_missing_simulator_names_what_to_install(monkeypatch):
+    import builtins
+
+    from twinbrain_ros.sim import make_backend
+
+    real_import = builtins.__import__
+
+    def no_mujoco(name, *args, **kwargs):
+        if name == "mujoco" or name.startswith("mujoco."):
+            raise ModuleNotFoundError("No module named 'mujoco'", name="mujoco")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(__import__("sys").modules, "twinbrain_ros.sim.widowx_mujoco",
+                        raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_mujoco)
+    with pytest.raises(ImportError, match=r"pip install mujoco==3\.3\.7"):
+        make_backend("widowx", task="pick_cube")
+
+
+def test_recorded_demonstrations_are_a_lerobot_dataset(tmp_path):
+    pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
+    from twinbrain_ros.data.lerobot import LeRobotDataset
+    from twinbrain_ros.embodiment import Embodiment
+    from twinbrain_ros.sim.record import record_demonstrations
+
+    report = record_demonstrations(tmp_path / "demos", "widowx", ["pick_cube"], episodes=2,
+                                   seed=5, image_size=64, progress=False)
+    assert report.recorded == 2 and report.failed_seeds == []
+    widowx = Embodiment.load("widowx")
+    dataset = LeRobotDataset(tmp_path / "demos", horizon=4, embodiment=widowx)
+    assert dataset.num_episodes == 2 and len(dataset) == report.frames
+    sample = dataset[0]
+    assert sample["images"][0].shape == (64, 64, 3)
+    assert sample["state"].shape == (widowx.state_dim,)
+    assert sample["actions"].shape == (4, widowx.action_dim)        # Bridge deltas + gripper
+    assert sample["instruction"].startswith("pick up the ") and "cube" in sample["instruction"]
+    # The first action of an episode moves towards the cube with the gripper open.
+    assert sample["actions"][0, 6] == 1.0
