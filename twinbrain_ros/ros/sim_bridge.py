@@ -131,7 +131,7 @@ class SimBridge(Node):
         self._expert = None
         self._expert_converter = None
         if p["expert"]:
-            from ..policy.pipeline import ActionConverter
+            from ..actions import ActionConverter
 
             self._expert_converter = ActionConverter(emb)
             self.expert_arm = self.create_publisher(JointTrajectory, emb.trajectory_topic, 10)

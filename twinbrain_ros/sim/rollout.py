@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..policy.pipeline import ActionConverter, ChunkRejected
+from ..actions import ActionConverter, ChunkRejected
 from .base import Episode, SimBackend, TargetInterpolator
 
 
