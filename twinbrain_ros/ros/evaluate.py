@@ -180,6 +180,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         node_params = {"checkpoint": str(Path(args.checkpoint).resolve()),
                        "device": args.device, "enable_actuation": True, "use_sim_time": True,
                        "seed": args.policy_seed}
+        if args.actions_per_inference > 0:
+            node_params["actions_per_inference"] = args.actions_per_inference
         processes.append(("policy_node", start_node(
             "policy_node", env, node_params,
             params_file=config_dir() / f"{embodiment.name}.yaml",
@@ -244,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="policy node torch device")
     parser.add_argument("--policy-seed", type=int, default=0,
                         help="seed of the policy's flow-matching noise (-1: fresh noise)")
+    parser.add_argument("--actions-per-inference", type=int, default=0,
+                        help="policy node replanning period in control steps (0: the "
+                             "embodiment file's value)")
     parser.add_argument("--image-size", type=int, default=224, help="camera image size (px)")
     parser.add_argument("--camera-rate-hz", type=float, default=0.0,
                         help="camera rate (0: the embodiment's control rate)")
