@@ -11,6 +11,8 @@ STAMP := $(VENV)/.installed
 # ROS 2 wheels need the venv in the ament index; logs and discovery stay local.
 export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
+# Simulator cameras render offscreen (no display needed).
+export MUJOCO_GL ?= egl
 
 .PHONY: venv demo test lint bench clean
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import twinbrain_ros.sim  # noqa: F401 - chooses MuJoCo's offscreen GL before any test imports it
 from twinbrain_ros.model.action_expert import ActionExpertConfig
 from twinbrain_ros.model.tiny import make_tiny_checkpoint
 from twinbrain_ros.model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA

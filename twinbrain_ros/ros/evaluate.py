@@ -141,7 +141,7 @@ class Evaluator:
         frames, self._recording = self._recording or [], None
         result = {key: result[key] for key in ("task", "seed", "instruction", "success",
                                                "steps", "trajectories", "sim_time", "info",
-                                               "outcome")}
+                                               "outcome", "error")}
         result["wall_time_s"] = round(time.monotonic() - started, 3)
         return result, frames
 
@@ -203,6 +203,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                 result["policy"] = policy
                 episodes.append(result)
                 status = "success" if result["success"] else "failure"
+                if result["error"]:
+                    status += f" (simulation error: {result['error']})"
                 print(f"  {result['task']} seed {seed}: {status} after {result['steps']} steps "
                       f"({result['wall_time_s']:.1f} s)  {result['instruction']!r}", flush=True)
                 if record and frames:

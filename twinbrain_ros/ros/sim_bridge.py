@@ -201,13 +201,22 @@ class SimBridge(Node):
                 request, self._reset_request = self._reset_request, None
                 running = self._episode is not None
             if request is not None:
-                self._start_episode(*request)
+                try:
+                    self._start_episode(*request)
+                except Exception as error:  # noqa: BLE001 - report it, keep the node up
+                    self.get_logger().error(f"episode start failed: {error!r}")
+                    self._end_episode(False, error=repr(error))
                 self._wall_start = (time.monotonic(), self._sim_time)
                 continue
             if not running:
                 self._stop.wait(0.01)
                 continue
-            self._step()
+            try:
+                self._step()
+            except Exception as error:  # noqa: BLE001 - end the episode, keep the node up
+                self.get_logger().error(f"simulation failed, episode ended: {error!r}")
+                self._end_episode(False, error=repr(error))
+                continue
             if rtf > 0:
                 wall0, sim0 = self._wall_start
                 delay = wall0 + (self._sim_time - sim0) / rtf - time.monotonic()
@@ -300,10 +309,12 @@ class SimBridge(Node):
         else:
             self.expert_arm.publish(make_trajectory(emb.joint_names, targets, emb.dt))
 
-    def _end_episode(self, success: bool) -> None:
+    def _end_episode(self, success: bool, error: str = "") -> None:
         with self._lock:
-            self._publish_event("end", success=success)
-            self.episodes.append(self._event("end", success))
+            if self._episode is None:
+                return
+            self._publish_event("end", success=success, error=error)
+            self.episodes.append(self._event("end", success, error))
             self._episode = None
             self._expert = None
             request = self._reset_request
@@ -313,17 +324,19 @@ class SimBridge(Node):
                                f"{'success' if success else 'failure'} after {self._steps} "
                                "steps")
 
-    def _event(self, event: str, success: bool) -> dict:
+    def _event(self, event: str, success: bool, error: str = "") -> dict:
         ep = self._episode
         return {"event": event, "episode": self._episode_index, "task": ep.task,
                 "seed": ep.seed, "instruction": ep.instruction, "success": success,
                 "steps": self._steps, "trajectories": self._trajectories,
                 "sim_time": round(self._sim_time, 6),
                 "info": _jsonable(ep.info),
-                "outcome": _jsonable(self.backend.outcome()) if event == "end" else {}}
+                "outcome": _jsonable(self.backend.outcome()) if event == "end" else {},
+                "error": error}
 
-    def _publish_event(self, event: str, success: bool) -> None:
-        self.episode_publisher.publish(String(data=json.dumps(self._event(event, success))))
+    def _publish_event(self, event: str, success: bool, error: str = "") -> None:
+        self.episode_publisher.publish(String(data=json.dumps(self._event(event, success,
+                                                                          error))))
 
     def _publish_observation(self, cameras: bool) -> None:
         stamp = rclpy.time.Time(seconds=self._sim_time).to_msg() if self.params[

@@ -20,8 +20,6 @@ object with the fingers and thumb (no welding), carries it over the compartment 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,11 +48,8 @@ class _BelowError(logging.Filter):
 
 
 _quiet_robosuite()
-# Cameras render offscreen: on Linux use EGL unless told otherwise, as robosuite itself does
-# (MuJoCo reads this when it is first imported; GLFW would need a display).
-if sys.platform.startswith("linux"):
-    os.environ.setdefault("MUJOCO_GL", "egl")
-import mujoco  # noqa: E402 - after the filter and MUJOCO_GL, see above
+# MUJOCO_GL (offscreen EGL) is chosen in twinbrain_ros/sim/__init__.py, before this import.
+import mujoco  # noqa: E402 - after the log filter
 import robosuite  # noqa: E402
 
 # Hand DoF in robosuite's Fourier hand action order, with the MuJoCo joint whose angle stands for

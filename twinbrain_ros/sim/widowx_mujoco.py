@@ -37,20 +37,16 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+# Headless rendering: MUJOCO_GL (EGL by default) is chosen in twinbrain_ros/sim/__init__.py.
+import mujoco  # noqa: E402
 import numpy as np
 
 from ..embodiment import Embodiment
 from ..kinematics import WIDOWX_ARM_JOINTS, widowx_urdf, widowx_xacro_path
 from .base import Episode, ScriptedExpert, SimBackend, SimError
-
-# Headless rendering: EGL unless the user chose another OpenGL backend. Must precede the import.
-os.environ.setdefault("MUJOCO_GL", "egl")
-
-import mujoco  # noqa: E402
 
 ROBOT = "wx250s"
 COLORS = {  # solid, clearly distinct cube colours (RGBA)
