@@ -91,3 +91,64 @@ def make_trajectory(joint_names: list[str], positions: np.ndarray, time_from_sta
         point.time_from_start = _duration(float(times[i]))
         msg.points.append(point)
     return msg
+
+
+def controller_trajectories(embodiment, positions: np.ndarray, time_from_start,
+                            velocities: np.ndarray | None = None, stamp=None
+                            ) -> list[tuple[str, JointTrajectory]]:
+    """(topic, JointTrajectory) pairs for an embodiment's controllers.
+
+    With a separate gripper controller (`gripper_topic`), the gripper joint goes there and the
+    other joints to `trajectory_topic`; otherwise all joints go to `trajectory_topic`.
+
+    Args:
+        embodiment: the robot (an `Embodiment`).
+        positions: (K, n_joints) targets in `embodiment.joint_names` order.
+        time_from_start: as in `make_trajectory`.
+        velocities: optional (K, n_joints).
+        stamp: header stamp (None: zero, "start now").
+    """
+    names = list(embodiment.joint_names)
+    positions = np.asarray(positions, dtype=np.float64)
+    if not (embodiment.gripper_topic and embodiment.gripper_joint):
+        return [(embodiment.trajectory_topic,
+                 make_trajectory(names, positions, time_from_start, velocities, stamp))]
+    g = names.index(embodiment.gripper_joint)
+    arm = [i for i in range(len(names)) if i != g]
+
+    def part(columns):
+        return make_trajectory([names[i] for i in columns], positions[:, columns],
+                               time_from_start,
+                               None if velocities is None else np.asarray(velocities)[:, columns],
+                               stamp)
+
+    return [(embodiment.trajectory_topic, part(arm)), (embodiment.gripper_topic, part([g]))]
+
+
+def run_node(factory, name: str, args: list[str] | None = None,
+             expected_errors: tuple = (ValueError,)) -> int:
+    """Spin the node `factory()` builds until Ctrl-C; returns a process exit code.
+
+    An expected error while building or spinning (bad parameters, a missing simulator) is
+    printed as `name: message` with exit code 1 instead of a traceback.
+    """
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = factory()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except expected_errors as error:
+        print(f"{name}: {error}", flush=True)
+        code = 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return code

@@ -26,7 +26,6 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -38,7 +37,14 @@ from ..embodiment import Embodiment, EmbodimentError
 from ..policy.pipeline import ChunkRejected, PolicyPipeline
 from ..policy.runtime import Observation, PolicyRuntime
 from ..policy.scheduler import Trajectory
-from .conversions import InputError, image_to_rgb, joint_positions, make_trajectory
+from .conversions import (
+    InputError,
+    controller_trajectories,
+    image_to_rgb,
+    joint_positions,
+    make_trajectory,
+    run_node,
+)
 
 JOINT_HISTORY = 100  # joint states kept for stamp matching (2 s at 50 Hz)
 
@@ -127,11 +133,13 @@ class PolicyNode(Node):
         self.create_subscription(JointState, emb.joint_state_topic, self._on_joints, 10)
         self.create_subscription(String, emb.instruction_topic, self._on_instruction, 10)
         actuate = bool(p["enable_actuation"])
-        self.arm_publisher = self.create_publisher(
-            JointTrajectory, emb.trajectory_topic if actuate else emb.dry_run_topic, 10)
-        self.gripper_publisher = None
-        if actuate and emb.gripper_topic and emb.gripper_joint:
-            self.gripper_publisher = self.create_publisher(JointTrajectory, emb.gripper_topic, 10)
+        # Actuated: the arm (and a separate gripper) controller; otherwise every joint in one
+        # trajectory on the dry-run topic.
+        self.actuate = actuate
+        topics = ([emb.trajectory_topic] + ([emb.gripper_topic] if emb.gripper_topic else [])
+                  if actuate else [emb.dry_run_topic])
+        self._publishers_by_topic = {t: self.create_publisher(JointTrajectory, t, 10)
+                                     for t in topics}
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(float(p["diagnostics_period_s"]), self._publish_diagnostics)
         self._stop = threading.Event()
@@ -277,19 +285,15 @@ class PolicyNode(Node):
         stamp = None
         if self.params["stamp_trajectories"]:
             stamp = rclpy.time.Time(seconds=trajectory.start_time).to_msg()
-        dt = trajectory.time_from_start
-        if self.gripper_publisher is not None:
-            g = emb.joint_names.index(emb.gripper_joint)
-            arm = [i for i in range(len(emb.joint_names)) if i != g]
-            self.arm_publisher.publish(make_trajectory(
-                [emb.joint_names[i] for i in arm], trajectory.positions[:, arm], dt,
-                trajectory.velocities[:, arm], stamp=stamp))
-            self.gripper_publisher.publish(make_trajectory(
-                [emb.gripper_joint], trajectory.positions[:, [g]], dt,
-                trajectory.velocities[:, [g]], stamp=stamp))
-        else:
-            self.arm_publisher.publish(make_trajectory(
-                emb.joint_names, trajectory.positions, dt, trajectory.velocities, stamp=stamp))
+        if not self.actuate:
+            self._publishers_by_topic[emb.dry_run_topic].publish(make_trajectory(
+                emb.joint_names, trajectory.positions, trajectory.time_from_start,
+                trajectory.velocities, stamp=stamp))
+            return
+        for topic, message in controller_trajectories(
+                emb, trajectory.positions, trajectory.time_from_start, trajectory.velocities,
+                stamp=stamp):
+            self._publishers_by_topic[topic].publish(message)
 
     # -- diagnostics ---------------------------------------------------------------------------
 
@@ -351,23 +355,7 @@ def _field_doc(name: str) -> str:
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of `ros2 run twinbrain_ros policy_node`."""
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = PolicyNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as error:
-        print(f"policy_node: {error}", flush=True)
-        code = 1
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return code
+    return run_node(PolicyNode, "policy_node", args)
 
 
 if __name__ == "__main__":

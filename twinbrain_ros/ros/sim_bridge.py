@@ -34,7 +34,6 @@ import time
 import numpy as np
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
@@ -45,7 +44,7 @@ from trajectory_msgs.msg import JointTrajectory
 from ..embodiment import Embodiment
 from ..sim.base import SimError, make_backend
 from ..sim.follower import TrajectoryError, TrajectoryFollower
-from .conversions import make_trajectory, rgb_to_image
+from .conversions import controller_trajectories, rgb_to_image, run_node
 
 EPISODE_TOPIC = "/sim/episode"
 SUCCESS_TOPIC = "/sim/success"
@@ -134,9 +133,9 @@ class SimBridge(Node):
             from ..actions import ActionConverter
 
             self._expert_converter = ActionConverter(emb)
-            self.expert_arm = self.create_publisher(JointTrajectory, emb.trajectory_topic, 10)
-            self.expert_gripper = (self.create_publisher(JointTrajectory, emb.gripper_topic, 10)
-                                   if emb.gripper_topic and emb.gripper_joint else None)
+            self.expert_publishers = {
+                topic: self.create_publisher(JointTrajectory, topic, 10)
+                for topic in (emb.trajectory_topic, emb.gripper_topic) if topic}
         if p["start_episode"]:
             self._reset_request = (None, None)
         self._stop = threading.Event()
@@ -299,15 +298,8 @@ class SimBridge(Node):
             self.get_logger().warning(f"expert action not executable: {error}",
                                       throttle_duration_sec=2.0)
             return
-        if self.expert_gripper is not None:
-            g = emb.joint_names.index(emb.gripper_joint)
-            arm = [i for i in range(len(emb.joint_names)) if i != g]
-            self.expert_arm.publish(make_trajectory([emb.joint_names[i] for i in arm],
-                                                    targets[:, arm], emb.dt))
-            self.expert_gripper.publish(make_trajectory([emb.gripper_joint], targets[:, [g]],
-                                                        emb.dt))
-        else:
-            self.expert_arm.publish(make_trajectory(emb.joint_names, targets, emb.dt))
+        for topic, message in controller_trajectories(emb, targets, emb.dt):
+            self.expert_publishers[topic].publish(message)
 
     def _end_episode(self, success: bool, error: str = "") -> None:
         with self._lock:
@@ -382,23 +374,7 @@ def _jsonable(value):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of `ros2 run twinbrain_ros sim_bridge`."""
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = SimBridge()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, SimError, ImportError) as error:
-        print(f"sim_bridge: {error}", flush=True)
-        code = 1
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return code
+    return run_node(SimBridge, "sim_bridge", args, (ValueError, SimError, ImportError))
 
 
 if __name__ == "__main__":
