@@ -153,13 +153,13 @@ class SimBridge(Node):
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         times = [pt.time_from_start.sec + pt.time_from_start.nanosec * 1e-9 for pt in msg.points]
-        try:
-            positions = np.array([list(pt.positions) for pt in msg.points], dtype=np.float64)
-        except ValueError:  # rows of different lengths
-            positions = np.zeros((len(times), 0, 0))
-        if positions.ndim != 2:
-            positions = positions.reshape(len(times), -1) if positions.size else np.zeros(
-                (len(times), 0))
+        rows = [list(pt.positions) for pt in msg.points]
+        if len({len(row) for row in rows}) > 1:
+            self.get_logger().warning("ignored a trajectory: its points have different numbers "
+                                      "of positions", throttle_duration_sec=2.0)
+            return
+        width = len(rows[0]) if rows else len(msg.joint_names)
+        positions = np.array(rows, dtype=np.float64).reshape(len(rows), width)
         with self._lock:
             if self._episode is None:
                 return  # between episodes the robot holds still
