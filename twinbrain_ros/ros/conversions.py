@@ -152,3 +152,14 @@ def run_node(factory, name: str, args: list[str] | None = None,
         if rclpy.ok():
             rclpy.shutdown()
     return code
+
+
+def declare_parameters(node, table: dict) -> dict:
+    """Declare `{name: (default, description)}` on `node`; returns {name: value}."""
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    values = {}
+    for name, (default, description) in table.items():
+        node.declare_parameter(name, default, ParameterDescriptor(description=description))
+        values[name] = node.get_parameter(name).value
+    return values

@@ -40,6 +40,7 @@ from ..policy.scheduler import Trajectory
 from .conversions import (
     InputError,
     controller_trajectories,
+    declare_parameters,
     image_to_rgb,
     joint_positions,
     make_trajectory,
@@ -98,11 +99,7 @@ class PolicyNode(Node):
         """Declare parameters, load the model (unless `runtime` is given), wire the topics."""
         super().__init__("policy_node", **node_kwargs)
         self.embodiment = self._declare_embodiment()
-        p = {}
-        for name, (default, description) in _NODE_PARAMETERS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
-            p[name] = self.get_parameter(name).value
-        self.params = p
+        self.params = p = declare_parameters(self, _NODE_PARAMETERS)
         if runtime is None:
             if not p["checkpoint"]:
                 raise ValueError("parameter 'checkpoint' is required (a checkpoint directory)")

@@ -33,7 +33,6 @@ import time
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
@@ -44,7 +43,12 @@ from trajectory_msgs.msg import JointTrajectory
 from ..embodiment import Embodiment
 from ..sim.base import SimError, make_backend
 from ..sim.follower import TrajectoryError, TrajectoryFollower
-from .conversions import controller_trajectories, rgb_to_image, run_node
+from .conversions import (
+    controller_trajectories,
+    declare_parameters,
+    rgb_to_image,
+    run_node,
+)
 
 EPISODE_TOPIC = "/sim/episode"
 SUCCESS_TOPIC = "/sim/success"
@@ -80,11 +84,7 @@ class SimBridge(Node):
     def __init__(self, backend=None, **node_kwargs):
         """Declare parameters, build the backend (unless given), wire topics, start the loop."""
         super().__init__("sim_bridge", **node_kwargs)
-        p = {}
-        for name, (default, description) in _PARAMETERS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
-            p[name] = self.get_parameter(name).value
-        self.params = p
+        self.params = p = declare_parameters(self, _PARAMETERS)
         if backend is None:
             embodiment = _load_embodiment(p["embodiment"])
             backend = make_backend(p["backend"] or embodiment.name, task=p["task"] or None,
