@@ -133,10 +133,14 @@ def test_reset_requests_start_new_seeded_episodes(bridge):
     from std_msgs.msg import String
 
     node, listener = bridge
-    listener.wait_for(lambda: listener.events, 30.0, "the first episode")
+    listener.wait_for(lambda: listener.events and listener.joints, 30.0, "the first episode")
+    before = listener.joints[-1].header.stamp
     listener.reset.publish(String(data=json.dumps({"seed": 42})))
     listener.wait_for(lambda: any(e["seed"] == 42 for e in listener.events), 30.0,
                       "episode seed 42")
+    # Simulated time skips episode_gap_s (5 s) at the reset: no plan outlives its episode.
+    start = next(e for e in listener.events if e["seed"] == 42)
+    assert start["sim_time"] >= before.sec + before.nanosec * 1e-9 + 5.0
     listener.reset.publish(String(data="not json"))                 # logged and ignored
     listener.reset.publish(String(data=json.dumps({"task": "no_such_task"})))
     time.sleep(0.5)

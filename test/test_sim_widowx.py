@@ -277,6 +277,28 @@ def test_expert_actions_are_small_bridge_deltas(put, converter):
     assert steps.max() <= put.embodiment.max_step[:6].max()
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_arm_reaches_each_commanded_step_within_the_period(seed, pick, converter):
+    """A chunk's deltas are chained from one observation; that only lands where the per-step
+    demonstrations landed if the arm covers (nearly) all of each step within its period."""
+    experts, commands, positions = [], [], []
+
+    def policy(frames, state, episode):
+        if not experts:
+            experts.append(pick.expert())
+        positions.append(pick.ee_pose()[:3, 3].copy())
+        commands.append(experts[0].act())
+        return commands[-1]
+
+    run_episode(pick, seed, policy=policy, converter=converter, render=False)
+    moved = np.diff(np.array(positions), axis=0)
+    commanded = np.array(commands)[:-1, :3]
+    large = np.linalg.norm(commanded, axis=1) > 0.005
+    assert large.sum() >= 5
+    fraction = (moved * commanded).sum(1)[large] / (commanded[large] ** 2).sum(1)
+    assert np.median(fraction) > 0.97, fraction
+
+
 def test_close_frees_the_renderer(pick):
     pick.reset(0)
     render_or_skip(pick)

@@ -38,10 +38,10 @@ class DemoConfig:
     batch_size: int = 16
     horizon: int = 8
     lr: float = 5e-4
-    eval_episodes: int = 12         # per policy, same seeds for both
+    eval_episodes: int = 20         # per policy, same seeds for both
     eval_seed: int = 10_000         # held out: demonstrations use seeds 0 .. demos-1
     videos: int = 2
-    real_time_factor: float = 1.0
+    real_time_factor: float = 2.0   # simulated seconds per wall second (sim time paces all)
 
     @classmethod
     def quick(cls) -> DemoConfig:

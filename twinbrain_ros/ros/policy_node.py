@@ -243,14 +243,17 @@ class PolicyNode(Node):
     def _run(self) -> None:
         # The replanning period is measured on the node's clock: with use_sim_time a simulator
         # running faster or slower than the wall clock gets a chunk every period of its time.
+        # Without usable inputs it looks again after one control period, not a whole replanning
+        # period: the first chunk follows the first usable observation closely.
         while not self._stop.is_set():
             start = self._now()
             snapshot = self._snapshot()
             if snapshot is not None:
                 self._cycle(*snapshot)
+            wait = self.period if snapshot is not None else self.embodiment.dt
             while not self._stop.is_set():
                 elapsed = self._now() - start
-                remaining = self.period - elapsed
+                remaining = wait - elapsed
                 if remaining <= 0 or elapsed < 0:  # elapsed < 0: the clock was reset
                     break
                 self._stop.wait(min(remaining, 0.005))

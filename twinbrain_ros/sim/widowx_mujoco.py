@@ -21,7 +21,7 @@ Tasks (one per backend instance, see `tasks`): `pick_cube` ("pick up the red cub
 `put_cube_on_plate` ("put the red cube on the plate"). Each episode places two cubes of
 different colours (the target and a distractor) and, for placing, a plate, at seeded random
 poses in front of the robot. `pick_cube_two_slots` is `pick_cube` with a red and a blue
-cube in a left and a right slot (a few centimetres of jitter; random order, target and yaw):
+cube in a left and a right slot (2 cm of jitter, yaw within 15 degrees; random order and target):
 which cube to pick is decided by the instruction and the image together while the motion
 varies little, so a small policy trained from scratch on a CPU learns it in minutes (the
 demo's task). Success is judged from privileged state, and `expert()` returns a scripted
@@ -74,8 +74,13 @@ PLATE_CLEARANCE = 0.11     # m from the plate centre to any cube centre
 HOME_ARM = (0.0, -0.38, 0.55, 0.0, 1.40, 0.0)
 
 # Position actuators of the arm joints (N m / rad), critically damped; gravity is compensated.
-ARM_KP = {"waist": 300.0, "shoulder": 400.0, "elbow": 300.0, "forearm_roll": 100.0,
-          "wrist_angle": 150.0, "wrist_rotate": 80.0}
+# Stiff enough that the end effector covers 99% of a commanded 5 Hz step within the period
+# (gains ten times lower covered 90%): the policy chains a chunk's end-effector deltas from one
+# observation, so a lagging arm would make those chained targets overshoot what the per-step
+# demonstrations reached (grasps a few millimetres past the cube). The light wrist-rotate link
+# oscillates above ~300 N m / rad at the 2 ms step.
+ARM_KP = {"waist": 3000.0, "shoulder": 4000.0, "elbow": 3000.0, "forearm_roll": 1000.0,
+          "wrist_angle": 1500.0, "wrist_rotate": 200.0}
 ARM_ARMATURE = 0.01        # kg m^2
 FINGER_KP = 2000.0         # N / m
 FINGER_FORCE = 12.0        # N, the finger actuator's force limit (grip force)
@@ -89,7 +94,13 @@ PICK_TASKS = ("pick_cube", "pick_cube_two_slots")
 # pick_cube_two_slots: slot centres (base frame, m) and the uniform jitter around them.
 SLOTS = ((0.28, 0.09), (0.28, -0.09))
 SLOT_JITTER = 0.02
+# Cube yaw range (rad) in the slots: small enough that the expert always grasps the same pair of
+# faces (with +-45 degrees the pair flips inside the range, a jump in the demonstrations).
+SLOT_YAW = math.radians(15.0)
 SLOT_COLORS = ["red", "blue"]  # two words and two colours to ground, in either slot
+# The `front` camera per task: (position, look-at point, vertical field of view in degrees).
+CAMERAS = {"default": ((0.60, -0.28, 0.52), (0.25, 0.0, 0.05), 42.0),
+           "pick_cube_two_slots": ((0.60, -0.28, 0.52), (0.24, 0.0, 0.07), 30.0)}
 
 
 @functools.lru_cache(maxsize=4)
@@ -242,10 +253,12 @@ def _build_model(task: str, width: int, height: int) -> mujoco.MjModel:
                     diffuse=(0.25, 0.25, 0.25), castshadow=False)
     # Bridge-like third-person view from above the far right corner of the table, looking back
     # at the workspace: the arm reaches towards it, so it seldom hides the objects, and the
-    # gripper, both cubes and the plate stay in view wherever they are placed.
-    camera_pos, camera_target = (0.60, -0.28, 0.52), (0.25, 0.0, 0.05)
+    # gripper, both cubes and the plate stay in view wherever they are placed. The two-slot task
+    # narrows it to the slots and the gripper's path, so each cube spans about 8 pixels of a
+    # 96-pixel frame instead of 5.
+    camera_pos, camera_target, fovy = CAMERAS.get(task, CAMERAS["default"])
     world.add_camera(name="front", pos=camera_pos, quat=_look_at_quat(camera_pos, camera_target),
-                     fovy=42.0)
+                     fovy=fovy)
     return spec.compile()
 
 
@@ -335,7 +348,7 @@ class WidowXMujocoBackend(SimBackend):
         if self.task == "pick_cube_two_slots":
             order = rng.permutation(2)
             cubes = np.asarray(SLOTS)[order] + rng.uniform(-SLOT_JITTER, SLOT_JITTER, (2, 2))
-            yaws = rng.uniform(-math.pi / 4, math.pi / 4, size=2)
+            yaws = rng.uniform(-SLOT_YAW, SLOT_YAW, size=2)
             return _Layout(str(target), str(distractor), cubes, yaws, None)
         while True:
             cubes = np.stack([sample_xy(), sample_xy()])
