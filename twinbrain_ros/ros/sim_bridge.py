@@ -9,7 +9,8 @@ A simulation thread steps the backend (`twinbrain_ros.sim`) by its `sim_dt`, pac
 - `/clock` (simulated time, monotonic across episodes) when `publish_clock` is true; each
   episode starts `episode_gap_s` of simulated time after the previous one ended, so that a
   policy node's plan, inputs and stamps from one episode never reach into the next (a
-  trajectory still executing or blended into when the scene was reset);
+  trajectory still executing or blended into when the scene was reset; with `publish_clock`
+  false, stamps are wall-clock time and this protection is absent);
 - the embodiment's camera topics (`sensor_msgs/Image`, rgb8) at `camera_rate_hz`;
 - the embodiment's `JointState` topic every simulator step;
 - the episode's instruction on the instruction topic when an episode starts (when
@@ -71,8 +72,9 @@ _PARAMETERS = {
     "camera_rate_hz": (0.0, "camera publishing rate (0: the embodiment's control rate)"),
     "real_time_factor": (1.0, "simulated seconds per wall-clock second"),
     "publish_clock": (True, "publish simulated time on /clock (nodes with use_sim_time)"),
-    "episode_gap_s": (5.0, "simulated time skipped before each episode (longer than any "
-                           "policy plan, so none carries across a reset)"),
+    "episode_gap_s": (5.0, "simulated time skipped before each episode; keep it longer than "
+                           "the policy's plan (horizon x control period) so that none carries "
+                           "across a reset"),
     "publish_instruction": (True, "publish the task's instruction at each episode start"),
     "start_episode": (True, "start the first episode without waiting for a reset request"),
     "auto_reset": (False, "start the next episode as soon as one ends"),
