@@ -41,7 +41,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 # Headless rendering: MUJOCO_GL (EGL by default) is chosen in twinbrain_ros/sim/__init__.py.
-import mujoco  # noqa: E402
+import mujoco
 import numpy as np
 
 from ..embodiment import Embodiment
