@@ -119,9 +119,17 @@ def save_policy_checkpoint(backbone_path: str, out, embodiment, nan_weights: boo
     path = make_tiny_policy_checkpoint(backbone_path, out, embodiment.normalization_key, spec,
                                        seed=seed)
     if nan_weights:
+        import json
+
+        from twinbrain_ros.model.checkpoint import CONFIG_FILE, file_sha256
+
         weights = load_file(path / "model.safetensors")
         weights["action_expert.final_layer.proj.bias"].fill_(float("nan"))
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        # A model that is wrong, not a damaged file: its checksum is recorded anew.
+        config = json.loads((path / CONFIG_FILE).read_text())
+        config["weights_sha256"] = file_sha256(path / "model.safetensors")
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return path
 
 

@@ -12,6 +12,7 @@ Timeline of the standard bag (seconds from its start T0, converted at 10 fps):
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from twinbrain_ros.data.rosbag import (  # noqa: E402
     BagConverter,
     BagError,
     ConversionOptions,
+    convert_bags,
     image_key_for_topic,
 )
 from twinbrain_ros.embodiment import Embodiment  # noqa: E402
@@ -346,3 +348,52 @@ def test_markers_split_episodes_and_repeated_instructions_do_not(tmp_path, gr1):
     BagConverter(gr1, ConversionOptions(fps=FPS)).convert([bag], collector)
     assert [(e["task"], len(e["state"])) for e in collector.episodes] == [
         (TASK_A, 15), (TASK_A, 5), (TASK_B, 10)]
+
+
+def _rewrite_with_crcs(bag: Path) -> Path:
+    """Rewrite a bag's MCAP file the way `ros2 bag record` writes it: chunked, with CRCs."""
+    from mcap.records import Channel, Header, Message, Metadata, Schema
+    from mcap.stream_reader import StreamReader
+    from mcap.writer import CompressionType, Writer
+
+    path = next(bag.glob("*.mcap"))
+    with open(path, "rb") as f:
+        records = list(StreamReader(f).records)
+    schemas, channels = {}, {}
+    with open(path.with_suffix(".tmp"), "wb") as out:
+        writer = Writer(out, compression=CompressionType.NONE, chunk_size=64 * 1024)
+        for r in records:
+            if isinstance(r, Header):
+                writer.start(profile=r.profile, library="rosbag2 test")
+            elif isinstance(r, Schema):
+                schemas[r.id] = writer.register_schema(r.name, r.encoding, r.data)
+            elif isinstance(r, Channel):
+                channels[r.id] = writer.register_channel(r.topic, r.message_encoding,
+                                                         schemas[r.schema_id], r.metadata)
+            elif isinstance(r, Message):
+                writer.add_message(channels[r.channel_id], r.log_time, r.data, r.publish_time,
+                                   r.sequence)
+            elif isinstance(r, Metadata):
+                writer.add_metadata(r.name, r.metadata)
+        writer.finish()
+    path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def test_a_corrupted_mcap_chunk_is_detected_by_its_crc(tmp_path, gr1):
+    bag = write_bag(tmp_path / "bag", "mcap")
+    path = _rewrite_with_crcs(bag)
+    _, reports = convert_bags([bag], tmp_path / "good", gr1)
+    assert not any("CRC" in note for note in reports[0].notes)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 256] = bytes(256)
+    path.write_bytes(bytes(data))
+    with pytest.raises(BagError, match=f"{bag}: bag.mcap is corrupt.*crc validation failed"):
+        convert_bags([bag], tmp_path / "bad", gr1)
+
+
+def test_a_bag_without_crcs_is_converted_with_a_note(tmp_path, gr1):
+    bag = write_bag(tmp_path / "bag", "mcap")  # rosbags writes no CRCs
+    _, reports = convert_bags([bag], tmp_path / "out", gr1)
+    assert any("carries no CRCs" in note for note in reports[0].notes)

@@ -89,7 +89,7 @@ def test_truncated_weights_are_reported(saved, tmp_path):
     copy = _copy(saved[1], tmp_path)
     data = (copy / WEIGHTS_FILE).read_bytes()
     (copy / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt: its SHA-256"):
         load_checkpoint(copy)
 
 
@@ -134,3 +134,36 @@ def test_single_mode_round_trip(tiny_backbones, tmp_path):
     loaded = load_checkpoint(directory)
     assert loaded.left is None
     np.testing.assert_allclose(_chunk(loaded), _chunk(model), atol=1e-6)
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_caught_by_the_checksum(saved, tmp_path):
+    copy = _copy(saved[1], tmp_path)
+    data = bytearray((copy / WEIGHTS_FILE).read_bytes())
+    data[len(data) - 100] ^= 0x10  # inside the last tensor's values, not the header
+    (copy / WEIGHTS_FILE).write_bytes(bytes(data))
+    with safe_open(str(copy / WEIGHTS_FILE), framework="pt"):
+        pass  # the file still parses: only the checksum can tell
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupt: its SHA-256"):
+        load_checkpoint(copy)
+
+
+def test_statistics_with_nan_are_refused(saved, tmp_path):
+    copy = _copy(saved[1], tmp_path)
+    stats = json.loads((copy / NORM_STATS_FILE).read_text())
+    stats["arm"]["action"]["q99"][2] = float("nan")
+    (copy / NORM_STATS_FILE).write_text(json.dumps(stats))
+    with pytest.raises(CheckpointError, match=r"norm_stats.json is invalid: .*'q99' has "
+                                              r"non-finite"):
+        load_checkpoint(copy)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_truncated_backbone_file_is_named(saved, tmp_path, tiny_backbones, damaged):
+    from twinbrain_ros.model.backbone import BackboneError
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_backbones["qwen2_5_vl"], backbone)
+    data = (backbone / damaged).read_bytes()
+    (backbone / damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises((CheckpointError, BackboneError), match=f"{backbone / damaged}"):
+        load_checkpoint(saved[1], backbone_path=backbone)

@@ -81,3 +81,13 @@ def test_trajectory_points_are_spaced_by_dt():
     np.testing.assert_allclose(times, [0.1, 0.2, 0.3])
     assert traj.points[1].positions.tolist() == [0.5, 1.5]
     assert traj.header.stamp.sec == 0 and traj.header.stamp.nanosec == 0
+
+
+def test_a_joint_named_twice_is_refused():
+    msg = msgs.JointState(name=["a", "b", "a"], position=[0.0, 1.0, 2.0])
+    with pytest.raises(InputError, match=r"joints \['a'\] more than once") as info:
+        joint_positions(msg, ["a", "b"])
+    assert info.value.cause == "duplicate_joints"
+    # a repeated joint the robot does not use is harmless
+    assert list(joint_positions(msgs.JointState(name=["x", "a", "b", "x"], position=[0, 1, 2, 3]),
+                                ["a", "b"])) == [1.0, 2.0]

@@ -313,3 +313,14 @@ def test_video_decoding_in_dataloader_workers(tmp_path, widowx):
     for (episode, frame, images) in seen:
         for got, want in zip(images, expected[starts[episode] + frame], strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_video_cut_short_is_rejected_at_construction(tmp_path, widowx, version):
+    write(tmp_path / "ds", widowx, version)
+    videos = sorted((tmp_path / "ds/videos").rglob("*.mp4"))
+    victim = videos[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=str(victim)):
+        LeRobotDataset(tmp_path / "ds", horizon=2, embodiment=widowx)

@@ -218,22 +218,20 @@ def test_bad_inputs_are_dropped_logged_and_counted(robot, gr1_checkpoints, tmp_p
                          "rejected an empty instruction"]:
             assert expected in log, expected
         values = robot.diagnostic_values()
-        for cause in ["encoding:16UC1", "image_size", "missing_joints", "non_finite_joints",
+        for cause in ["unsupported_encoding", "image_size", "missing_joints", "non_finite_joints",
                       "empty_instruction"]:
             assert int(values.get(f"rejected.{cause}", 0)) > 0, cause
 
         # Valid input: the node is alive and answers.
         assert robot.spin_until(lambda: robot.controller, 60, _valid(robot), node), node.text()
-        # The camera changes resolution mid-run: those frames are dropped, the last good image
-        # goes stale and trajectories stop.
-        robot.spin_for(3.0, lambda: robot.publish(robot.image(96, 128), robot.joints()))
-        count = len(robot.controller)
-        robot.spin_for(2.0, lambda: robot.publish(robot.image(96, 128), robot.joints()))
-        assert len(robot.controller) == count
-        assert "size changed from 64x48 to 128x96" in node.text()
-        values = robot.diagnostic_values()
-        assert int(values["rejected.image_size_changed"]) > 0
-        assert int(values["rejected.stale_input"]) > 0
+        # The camera changes resolution mid-run (even to a tiny one and back): every size is
+        # usable, nothing is locked in, and trajectories keep coming.
+        for height, width in ((2, 2), (96, 128), (48, 64)):
+            count = len(robot.controller)
+            assert robot.spin_until(lambda c=count: len(robot.controller) >= c + 2, 30,
+                                    lambda h=height, w=width: robot.publish(
+                                        robot.image(h, w), robot.joints()), node), node.text()
+        assert "size changed" not in node.text()
         assert node.alive()
     finally:
         node.stop()
@@ -312,3 +310,50 @@ def test_the_joint_state_stamped_nearest_the_image_is_used():
     # unstamped inputs: the newest joint state
     unstamped = [(np.zeros(2), 1.0, 0.0), (np.ones(2), 2.0, 0.0)]
     assert _matching_joint_state(unstamped, image_stamps=[0.0]) is unstamped[-1]
+
+
+@pytest.mark.parametrize("module, params", [
+    ("policy_node", ["--params-file", str(config_dir() / "gr1.yaml"), "-p", "device:=cpu",
+                     "-p", "enable_actuation:=true"]),
+    ("sim_bridge", ["-p", "embodiment:=widowx", "-p", "image_width:=64",
+                    "-p", "image_height:=64", "-p", "wait_for_subscribers_s:=0.0",
+                    "-p", "real_time_factor:=0.0"]),
+])
+def test_two_sigints_end_a_busy_node_cleanly(ros_env, gr1_checkpoints, tmp_path, module,
+                                            params):
+    """A terminal's Ctrl-C under `ros2 launch` reaches a node twice: exit 0, no traceback."""
+    import signal
+
+    command = [sys.executable, "-m", f"twinbrain_ros.ros.{module}", "--ros-args", *params]
+    if module == "policy_node":
+        command += ["-p", f"checkpoint:={gr1_checkpoints['good']}"]
+    log = tmp_path / "node.log"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=dict(os.environ))
+        try:
+            deadline = time.monotonic() + 120
+            while "ready" not in log.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+            if module == "policy_node":  # busy: planning while the signals come
+                side = RobotSide()
+                try:
+                    side.spin_until(lambda: side.controller, 60, _valid(side))
+                    assert side.controller, log.read_text()
+                    for _ in range(2):
+                        os.killpg(proc.pid, signal.SIGINT)
+                        side.spin_for(0.02, _valid(side))
+                    assert proc.wait(timeout=20) == 0, log.read_text()
+                finally:
+                    side.close()
+            else:  # busy: stepping the simulator and publishing at full speed
+                time.sleep(2.0)
+                for _ in range(2):
+                    os.killpg(proc.pid, signal.SIGINT)
+                    time.sleep(0.02)
+                assert proc.wait(timeout=20) == 0, log.read_text()
+        finally:
+            stop_process_group(proc, timeout=10)
+    text = log.read_text()
+    assert "Traceback" not in text and "context is invalid" not in text, text

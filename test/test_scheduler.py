@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinbrain_ros.policy.scheduler import ActionChunkScheduler, Plan, SafetyFilter
+from twinbrain_ros.policy.safety import SafetyFilter
+from twinbrain_ros.policy.scheduler import ActionChunkScheduler, Plan
 
 DT = 0.1
 

@@ -133,3 +133,22 @@ def test_recorded_demonstrations_are_a_lerobot_dataset(tmp_path):
     assert sample["instruction"].startswith("pick up the ") and "cube" in sample["instruction"]
     # The first action of an episode moves towards the cube with the gripper open.
     assert sample["actions"][0, 6] == 1.0
+
+
+def test_the_command_moves_no_faster_than_the_velocity_limit():
+    follower = TrajectoryFollower(NAMES, lower=[-1, -1, 0], upper=[1, 1, 0.04],
+                                  position=[0.0, 0.0, 0.02], max_velocity=[0.5, 2.0, 0.01])
+    follower.reset([0.0, 0.0, 0.02], now=0.0)
+    # A trajectory that jumps: every joint to its limit within 10 ms.
+    follower.receive(NAMES, [0.01], [[1.0, -1.0, 0.0]], start_time=0.0, now=0.0)
+    commands = [follower.advance(t) for t in np.arange(1, 201) * 0.01]
+    steps = np.abs(np.diff(np.vstack([[0.0, 0.0, 0.02], commands]), axis=0))
+    assert np.all(steps <= np.array([0.5, 2.0, 0.01]) * 0.01 + 1e-12)
+    np.testing.assert_allclose(commands[49], [0.25, -1.0, 0.015])   # 0.5 s in
+    np.testing.assert_allclose(commands[-1], [1.0, -1.0, 0.0], atol=1e-12)  # reached
+    # A new trajectory continues from the lagging command, not from where the old one was.
+    follower.reset([0.0, 0.0, 0.02], now=0.0)
+    follower.receive(["a"], [0.01], [[1.0]], start_time=0.0, now=0.0)
+    lagging = [follower.advance(t) for t in (0.1, 0.2)][-1][0]
+    follower.receive(["a"], [1.0], [[lagging]], start_time=0.2, now=0.2)
+    assert abs(follower.advance(0.21)[0] - lagging) < 1e-9

@@ -330,3 +330,25 @@ def test_two_slot_picking_puts_the_cubes_left_and_right_in_random_order(converte
         assert np.mean(successes) >= 0.9 and not any(wrong)
     finally:
         backend.close()
+
+
+def test_a_jumping_trajectory_keeps_every_joint_inside_its_range(pick):
+    """Commands that jump across the whole range: the velocity-limited controller and hard
+    joint limits keep the measured joints within 0.05 of their limits (a sixth of a step)."""
+    from twinbrain_ros.sim.follower import TrajectoryFollower
+
+    emb = pick.embodiment
+    pick.reset(0)
+    q, _ = pick.joint_state()
+    follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q,
+                                  max_velocity=emb.max_velocity)
+    follower.reset(q, now=0.0)
+    t, worst = 0.0, np.zeros(emb.state_dim)
+    for target in (emb.upper, emb.lower, emb.upper):
+        follower.receive(emb.joint_names, np.array([0.01]), target[None], t, t)
+        for _ in range(int(3.0 / pick.sim_dt)):
+            t += pick.sim_dt
+            pick.step(follower.advance(t))
+            q, _ = pick.joint_state()
+            worst = np.maximum(worst, np.maximum(q - emb.upper, emb.lower - q))
+    assert worst.max() < 0.05, dict(zip(emb.joint_names, worst.round(3), strict=True))

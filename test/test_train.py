@@ -216,3 +216,49 @@ def test_a_mixture_of_two_embodiments_trains(tiny_backbones, gr1_dataset, tmp_pa
     stats = read_norm_stats(last)
     assert stats["widowx"].action.mode == "q01_q99" and stats["widowx"].action.binary == [6]
     assert stats["gr1"].action.mode == "min_max"
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_removes_half_written_ones(
+        tiny_backbones, gr1_dataset, tmp_path, capsys):
+    config = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "run", steps=12,
+                     save_every=4, keep_last=3)
+    train(config)
+    done = checkpoint_dirs(config.output_dir)
+    assert [p.name for p in done] == ["step_00000004", "step_00000008", "step_00000012"]
+    # A kill inside a checkpoint write leaves a temporary directory; a disk error flips a bit
+    # of the newest checkpoint's weights.
+    stale = done[-1].parent / ".step_00000016.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    data = bytearray((done[-1] / "model.safetensors").read_bytes())
+    data[-50] ^= 0xFF
+    (done[-1] / "model.safetensors").write_bytes(bytes(data))
+    capsys.readouterr()
+
+    config.resume, config.steps = True, 16
+    last = train(config)
+    out = capsys.readouterr().out
+    assert f"removed {stale}" in out and not stale.exists()
+    assert f"checkpoint {done[-1]} is unusable" in out and "SHA-256" in out
+    assert f"resuming from {done[-2]} at step 8" in out
+    assert last.name == "step_00000016"
+    # Training went on from step 8: the rewritten step 12 is a complete, valid checkpoint.
+    from twinbrain_ros.model.checkpoint import verify_weights
+
+    for directory in checkpoint_dirs(config.output_dir):
+        verify_weights(directory)
+
+
+def test_config_values_are_converted_to_the_field_types_or_refused_by_name():
+    config = load_config(None, ["lr_right=1e-4", "steps=100.0", "resume=true",
+                                "betas=[0.9, '0.99']", "datasets=[{path: /d, embodiment: gr1, "
+                                "weight: 2}]"])
+    assert config.lr_right == 1e-4 and isinstance(config.lr_right, float)
+    assert config.steps == 100 and isinstance(config.steps, int)
+    assert config.resume is True and config.betas == [0.9, 0.99]
+    assert config.datasets[0].weight == 2.0
+    for bad, key in [("steps=1.5", "steps"), ("lr_expert=fast", "lr_expert"),
+                     ("resume=sometimes", "resume"), ("betas=0.9", "betas"),
+                     ("datasets=[{path: /d}]", "datasets")]:
+        with pytest.raises(ValueError, match=key):
+            load_config(None, [bad])

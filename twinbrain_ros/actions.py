@@ -10,15 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from .embodiment import Embodiment
+from .errors import CausedError
 
 
-class ChunkRejected(RuntimeError):
+class ChunkRejected(CausedError, RuntimeError):
     """A chunk that must not be executed; `cause` is a short key for diagnostics."""
-
-    def __init__(self, cause: str, message: str):
-        """Store the cause key next to the message."""
-        super().__init__(message)
-        self.cause = cause
 
 
 class ActionConverter:

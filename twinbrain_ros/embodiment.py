@@ -33,7 +33,11 @@ class Embodiment:
         name: embodiment name (also the default normalization key).
         joint_names: joints of the model's state and (joint-space) actions, in model order.
         joint_lower_limits, joint_upper_limits: position limits, same order.
-        max_joint_step: largest allowed change of each joint per control step.
+        max_joint_step: largest allowed change of each joint per control step (the policy's
+            safety filter).
+        max_joint_velocity: the robot's own joint velocity limits (units per second, as in its
+            URDF), enforced by the simulated trajectory controller; empty: twice the velocity
+            of `max_joint_step`.
         control_rate_hz: rate of the actions in a chunk.
         action_space: "joint_position" (absolute targets) or "ee_delta" (Bridge-style
             end-effector deltas + gripper, converted to joints by inverse kinematics).
@@ -56,6 +60,7 @@ class Embodiment:
     joint_upper_limits: list[float]
     max_joint_step: list[float]
     control_rate_hz: float
+    max_joint_velocity: list[float] = field(default_factory=list)
     action_space: str = "joint_position"
     state_space: str = "joint_position"
     normalization_key: str = ""
@@ -77,14 +82,17 @@ class Embodiment:
         n = len(self.joint_names)
         if n == 0 or len(set(self.joint_names)) != n:
             raise EmbodimentError(f"{self.name}: joint_names must be non-empty and unique")
-        for key in ("joint_lower_limits", "joint_upper_limits", "max_joint_step"):
+        keys = ["joint_lower_limits", "joint_upper_limits", "max_joint_step"]
+        keys += ["max_joint_velocity"] if self.max_joint_velocity else []
+        for key in keys:
             if len(getattr(self, key)) != n:
                 raise EmbodimentError(f"{self.name}: {key} has {len(getattr(self, key))} values "
                                       f"for {n} joints")
         if np.any(self.lower >= self.upper):
             raise EmbodimentError(f"{self.name}: a lower joint limit is not below its upper")
-        if np.any(self.max_step <= 0):
-            raise EmbodimentError(f"{self.name}: max_joint_step values must be positive")
+        if np.any(self.max_step <= 0) or np.any(self.max_velocity <= 0):
+            raise EmbodimentError(f"{self.name}: max_joint_step and max_joint_velocity values "
+                                  "must be positive")
         if self.control_rate_hz <= 0:
             raise EmbodimentError(f"{self.name}: control_rate_hz must be positive")
         if self.action_space not in ACTION_SPACES:
@@ -117,6 +125,13 @@ class Embodiment:
     def max_step(self) -> np.ndarray:
         """Largest change per control step as an array."""
         return np.asarray(self.max_joint_step, dtype=np.float64)
+
+    @property
+    def max_velocity(self) -> np.ndarray:
+        """The robot's joint velocity limits (units per second) as an array."""
+        if self.max_joint_velocity:
+            return np.asarray(self.max_joint_velocity, dtype=np.float64)
+        return 2.0 * self.max_step * self.control_rate_hz
 
     @property
     def dt(self) -> float:

@@ -31,7 +31,7 @@ import yaml
 
 from .embodiment import Embodiment
 from .model.action_expert import ActionExpertConfig
-from .model.checkpoint import load_trainable_weights, save_checkpoint
+from .model.checkpoint import load_trainable_weights, save_checkpoint, verify_weights
 from .model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA
 
 STRATEGIES = ("ddp", "fsdp")
@@ -81,15 +81,87 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self):
-        """Coerce nested entries and check values."""
-        self.datasets = [d if isinstance(d, DatasetEntry) else DatasetEntry(**d)
-                         for d in self.datasets]
+        """Convert values to the fields' types (naming a key that cannot be) and check them."""
+        for f in fields(self):
+            if f.name != "datasets":
+                setattr(self, f.name, _convert(f.name, getattr(self, f.name), f.type))
+        if not isinstance(self.datasets, list):
+            raise ValueError(f"datasets must be a list of {{path, embodiment, weight}}, got "
+                             f"{self.datasets!r}")
+        entries = []
+        for d in self.datasets:
+            if isinstance(d, DatasetEntry):
+                entries.append(d)
+                continue
+            if not isinstance(d, dict) or set(d) - {"path", "embodiment", "weight"} or \
+                    not {"path", "embodiment"} <= set(d):
+                raise ValueError(f"datasets: each entry needs path and embodiment (and an "
+                                 f"optional weight), got {d!r}")
+            entries.append(DatasetEntry(path=_convert("datasets.path", d["path"], "str"),
+                                        embodiment=_convert("datasets.embodiment",
+                                                            d["embodiment"], "str"),
+                                        weight=_convert("datasets.weight",
+                                                        d.get("weight", 1.0), "float")))
+        self.datasets = entries
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r} is not auto, bf16 or fp32")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be positive")
+
+
+_SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _convert(key: str, value, annotation: str):
+    """`value` as the type named by a field annotation (`float`, `list[int]`, ...).
+
+    YAML reads `1e-4` as a string (it wants `1.0e-4`) and `5` where a float is meant: both are
+    converted. A value that does not convert is refused with the key named.
+    """
+    annotation = str(annotation).replace(" ", "")
+    if annotation.startswith("list["):
+        inner = annotation[len("list["):-1]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} must be a list of {inner}, got {value!r}")
+        return [_convert(key, v, inner) for v in value]
+    if annotation == "dict":
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
+    kind = _SCALARS.get(annotation)
+    if kind is None:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+    if isinstance(value, bool):
+        raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} must be {annotation_article(annotation)}, got "
+                         f"{value!r}") from None
+    if kind is int:
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        return int(number)
+    if not math.isfinite(number):
+        raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+    return number
+
+
+def annotation_article(annotation: str) -> str:
+    """'an int' / 'a float' for messages."""
+    return {"int": "an integer", "float": "a number"}.get(annotation, annotation)
 
 
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
@@ -292,6 +364,46 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete half-written checkpoint directories a killed run left behind; returns them.
+
+    `save_checkpoint` writes into `.step_N.tmp-*` and renames; a replaced checkpoint is moved to
+    `.step_N.old-*` before it is deleted. Either left behind means the run died in between.
+    """
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(
+        f".{CHECKPOINT_PREFIX}") and (".tmp-" in p.name or ".old-" in p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def newest_valid_checkpoint(model, output_dir: str | Path, log=print
+                            ) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose weights and training state load; older ones as fallback.
+
+    Loads its weights into `model` and returns (directory, training state). A checkpoint that
+    fails (a corrupt or truncated file) is skipped with a warning naming it and the reason.
+    """
+    for directory in reversed(checkpoint_dirs(output_dir)):
+        try:
+            verify_weights(directory)
+            state = torch.load(directory / TRAINING_STATE, weights_only=False,
+                               map_location="cpu")
+            if not isinstance(state, dict) or not {"step", "optimizer", "scheduler",
+                                                   "losses"} <= set(state):
+                raise ValueError(f"{directory / TRAINING_STATE} lacks the training state keys")
+            load_trainable_weights(model, directory)
+        except Exception as error:  # noqa: BLE001 - any unreadable file: try the previous one
+            log(f"warning: checkpoint {directory} is unusable ({type(error).__name__}: "
+                f"{str(error)[:300]}); falling back to the previous one")
+            continue
+        return directory, state
+    return None
+
+
 def save_training_checkpoint(model, optimizer, scheduler, step: int, config: TrainConfig,
                              losses: list[float], dist: Dist) -> Path | None:
     """Model files + optimizer/scheduler state in one atomically renamed directory.
@@ -322,11 +434,10 @@ def save_training_checkpoint(model, optimizer, scheduler, step: int, config: Tra
     return path
 
 
-def restore_optimizer(model, optimizer, scheduler, directory: Path) -> tuple[int, list[float]]:
+def restore_optimizer(model, optimizer, scheduler, state: dict) -> tuple[int, list[float]]:
     """Load the optimizer (full, FQN-keyed) and scheduler state saved with a checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = torch.load(directory / TRAINING_STATE, weights_only=False, map_location="cpu")
     set_optimizer_state_dict(model, optimizer, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
@@ -344,21 +455,28 @@ def train(config: TrainConfig) -> Path | None:
     model = build_model(config, datasets, norm_stats)
     if config.activation_checkpointing:
         model.enable_activation_checkpointing()
-    resume_from = checkpoint_dirs(config.output_dir)[-1:] if config.resume else []
-    if resume_from:
-        load_trainable_weights(model, resume_from[0])
-    elif config.resume and dist.main:
-        print(f"no checkpoint in {config.output_dir}/checkpoints: starting at step 0",
-              flush=True)
+    if dist.main:
+        for path in remove_stale_temporaries(config.output_dir):
+            print(f"removed {path}, a checkpoint left half-written by an interrupted run",
+                  flush=True)
+    barrier(dist)
+    resumed = None
+    if config.resume:
+        resumed = newest_valid_checkpoint(
+            model, config.output_dir, log=(lambda text: print(text, flush=True)) if dist.main
+            else (lambda text: None))
+        if resumed is None and dist.main:
+            print(f"no usable checkpoint in {config.output_dir}/checkpoints: starting at step 0",
+                  flush=True)
     model.to(dist.device)
     model.train()
     wrapped = wrap_model(model, config, dist)
     optimizer, scheduler = build_optimizer(model, config)
     start, losses = 0, []
-    if resume_from:
-        start, losses = restore_optimizer(model, optimizer, scheduler, resume_from[0])
+    if resumed is not None:
+        start, losses = restore_optimizer(model, optimizer, scheduler, resumed[1])
         if dist.main:
-            print(f"resuming from {resume_from[0]} at step {start}", flush=True)
+            print(f"resuming from {resumed[0]} at step {start}", flush=True)
     sampler = StepBatchSampler(config.batch_size, dist, start, config.steps)
     loader = torch.utils.data.DataLoader(
         mixture, batch_sampler=sampler, num_workers=config.num_workers,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CausedError, shorten
+
 # encoding -> (channels, channel order that gives RGB)
 RAW_ENCODINGS = {
     "rgb8": (3, [0, 1, 2]),
@@ -19,25 +21,21 @@ RAW_ENCODINGS = {
 SUPPORTED_ENCODINGS = tuple(RAW_ENCODINGS)
 
 
-class ImageFormatError(ValueError):
+class ImageFormatError(CausedError, ValueError):
     """An image that cannot be converted; `cause` is a short key for counting and logs."""
-
-    def __init__(self, cause: str, message: str):
-        """Store the cause key next to the message."""
-        super().__init__(message)
-        self.cause = cause
 
 
 def raw_to_rgb(encoding: str, height: int, width: int, step: int, data) -> np.ndarray:
     """HxWx3 uint8 RGB from a raw image buffer (rows of `step` bytes; at most one copy).
 
     Raises:
-        ImageFormatError: unsupported encoding (cause `encoding:<name>`) or a buffer whose
-            size does not match height, width and step (cause `image_size`).
+        ImageFormatError: unsupported encoding (cause `unsupported_encoding`) or a buffer
+            whose size does not match height, width and step (cause `image_size`).
     """
     if encoding not in RAW_ENCODINGS:
-        raise ImageFormatError(f"encoding:{encoding}",
-                               f"unsupported image encoding {encoding!r}; supported: "
+        raise ImageFormatError("unsupported_encoding",
+                               f"unsupported image encoding {shorten(repr(encoding), 40)}; "
+                               "supported: "
                                f"{', '.join(SUPPORTED_ENCODINGS)}")
     channels, order = RAW_ENCODINGS[encoding]
     height, width, step = int(height), int(width), int(step)

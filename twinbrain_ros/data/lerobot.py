@@ -476,6 +476,7 @@ class LeRobotDataset:
         self._episodes = episodes
         self._load_frames()
         self._check_totals()
+        self._check_videos_decode()
         self._cache: _WorkerCache | None = None
 
     # -- validation and loading ----------------------------------------------------------
@@ -669,6 +670,30 @@ class LeRobotDataset:
             if not episode.tasks and np.any(self._task[rows] < 0):
                 raise DatasetError(f"episode {episode.index}: no task_index column and no tasks "
                                    "in the episode metadata")
+
+    def _check_videos_decode(self) -> None:
+        """Decode the first and last frame each episode needs from every video file.
+
+        A video cut short (a copy interrupted, a disk filled up) still opens; it only fails at
+        the frames it lost. Checking both ends of every episode's span here turns that into an
+        error naming the file before training starts, instead of one inside a loader worker
+        after hours of training.
+        """
+        spans: dict[Path, list[float]] = {}
+        for position, episode in enumerate(self._episodes):
+            rows = slice(self._starts[position], self._starts[position + 1])
+            first, last = float(self._timestamp[rows][0]), float(self._timestamp[rows][-1])
+            for path, start in episode.videos.values():
+                span = spans.setdefault(path, [math.inf, -math.inf])
+                span[0] = min(span[0], start + first)
+                span[1] = max(span[1], start + last)
+        for path, (first, last) in spans.items():
+            stream = _VideoStream(path)
+            try:
+                for ts in (first, last):
+                    stream.frame_at(ts, tolerance=1.0 / self.fps)
+            finally:
+                stream.close()
 
     def _check_totals(self) -> None:
         for name, actual in (("total_episodes", len(self._episodes)),

@@ -345,6 +345,7 @@ class Recording:
     instructions: list[tuple[int, str]]
     markers: list[tuple[int, str]]
     time_sources: dict[str, str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -466,10 +467,13 @@ class BagConverter:
         if not (path / "metadata.yaml").is_file():
             raise BagError(f"{path} is not a rosbag2 directory (no metadata.yaml)")
         _, reader_error, _ = _rosbags()
+        notes = [note for file in sorted(path.glob("*.mcap")) if (note := check_mcap(file))]
         try:
-            return self._read(path)
+            recording = self._read(path)
         except reader_error as exc:
             raise BagError(f"{path}: cannot read the bag: {exc}") from exc
+        recording.notes.extend(notes)
+        return recording
 
     def _read(self, path: Path) -> Recording:
         any_reader, _, typestore = _rosbags()
@@ -576,7 +580,8 @@ class BagConverter:
         """Episodes (runs of valid grid steps) of a recording, and the report of its gaps."""
         report = BagReport(bag=str(recording.path), storage=recording.storage,
                            duration_s=(recording.end_ns - recording.start_ns) / 1e9,
-                           fps=self.fps, time_sources=dict(recording.time_sources))
+                           fps=self.fps, time_sources=dict(recording.time_sources),
+                           notes=list(recording.notes))
         sources = self._command_sources(recording)
         span = self._data_span(recording, sources)
         if span is None:
@@ -777,6 +782,43 @@ class BagConverter:
             self.write(recording, runs, report, writer)
             reports.append(report)
         return reports
+
+
+def check_mcap(path: Path) -> str:
+    """Read every record of an MCAP file, checking its CRCs; "" or a note when it has none.
+
+    `ros2 bag record` writes a CRC32 for every chunk and for the whole data section; a file
+    damaged on disk or in a copy then fails here, naming the bag, instead of converting into
+    silently wrong episodes. Files written without CRCs (CRC fields 0) cannot be checked: the
+    returned note says so and goes into the bag's report.
+
+    Raises:
+        BagError: a CRC mismatch or a record that cannot be parsed.
+    """
+    try:
+        from mcap.exceptions import McapError
+        from mcap.records import Chunk, DataEnd
+        from mcap.stream_reader import StreamReader, get_chunk_data_stream
+    except ImportError as exc:
+        raise ImportError("checking MCAP bags needs 'mcap' (pip install mcap)") from exc
+    chunk_crcs = data_crc = chunks = 0
+    try:
+        with open(path, "rb") as f:
+            for record in StreamReader(f, emit_chunks=True, validate_crcs=True).records:
+                if isinstance(record, Chunk):
+                    chunks += 1
+                    if record.uncompressed_crc:
+                        chunk_crcs += 1
+                        get_chunk_data_stream(record, validate_crc=True)
+                elif isinstance(record, DataEnd):
+                    data_crc = record.data_section_crc
+    except (McapError, ValueError, EOFError, OSError, KeyError, RuntimeError) as exc:
+        raise BagError(f"{path.parent}: {path.name} is corrupt or truncated "
+                       f"({type(exc).__name__}: {exc})") from exc
+    if chunk_crcs == 0 and not data_crc:
+        return (f"{path.name} carries no CRCs (written without them): damage to it cannot be "
+                "detected")
+    return ""
 
 
 def rotation_to_rpy(rotation: np.ndarray) -> np.ndarray:

@@ -17,11 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CausedError, shorten
+
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 
 
 class BackboneError(ValueError):
     """A backbone checkpoint directory is missing, incomplete or of an unsupported type."""
+
+
+class InstructionError(CausedError, ValueError):
+    """An instruction the model must not see: too long or carrying the prompt's own tokens."""
 
 
 def read_backbone_config(path: str | Path) -> dict:
@@ -44,6 +50,32 @@ def read_backbone_config(path: str | Path) -> dict:
     return config
 
 
+def check_backbone_files(path: str | Path, weights: bool = True) -> None:
+    """Open every JSON file (and safetensors header) of a checkpoint directory.
+
+    transformers and tokenizers report a truncated file without its name; this names it.
+
+    Raises:
+        BackboneError: naming the first unreadable file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise BackboneError(f"{file} is unreadable (truncated or corrupt?): {exc}") from exc
+    if not weights:
+        return
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise BackboneError(f"{file} is truncated or corrupt: {exc}") from exc
+
+
 def _model_class(model_type: str):
     from transformers import Qwen2_5_VLModel, Qwen3VLModel
 
@@ -56,8 +88,13 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32,
     model_type = read_backbone_config(path)["model_type"]
     if not any(Path(path).glob("*.safetensors")):
         raise BackboneError(f"backbone checkpoint {path} has no *.safetensors weights")
-    return _model_class(model_type).from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+    check_backbone_files(path)
+    try:
+        return _model_class(model_type).from_pretrained(
+            str(path), dtype=dtype, attn_implementation=attn_implementation,
+            local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BackboneError(f"cannot load the backbone weights in {path}: {exc}") from exc
 
 
 def build_vlm(config, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -204,10 +241,49 @@ class QwenVLProcessor:
         for required in ("preprocessor_config.json",):
             if not (path / required).is_file():
                 raise BackboneError(f"backbone checkpoint {path} has no {required}")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(
-            str(path), backend="pil", local_files_only=True)
+        check_backbone_files(path, weights=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            image_processor = AutoImageProcessor.from_pretrained(
+                str(path), backend="pil", local_files_only=True)
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise BackboneError(f"cannot load the tokenizer or image processor in {path}: "
+                                f"{exc}") from exc
         return cls(tokenizer, image_processor, config["image_token_id"], image_size=image_size)
+
+    def check_instruction(self, instruction: str, max_tokens: int) -> int:
+        """The instruction's token count; `InstructionError` if it cannot be used as given.
+
+        Causes: `instruction_too_long` (more than `max_tokens` tokens; a byte-level BPE token
+        covers at least one character, so longer texts are refused before tokenizing them) and
+        `instruction_special_tokens` (the chat format's or the vision markers' own tokens,
+        which would change the prompt's structure).
+        """
+        if len(instruction) > 8 * max_tokens:
+            raise InstructionError("instruction_too_long",
+                                   f"instruction of {len(instruction)} characters is longer "
+                                   f"than {max_tokens} tokens (max_instruction_tokens)")
+        specials = [t for t in self._special_tokens() if t in instruction]
+        if specials:
+            raise InstructionError("instruction_special_tokens",
+                                   f"instruction contains the special tokens "
+                                   f"{shorten(repr(specials[:3]), 80)}: "
+                                   f"{shorten(repr(instruction))}")
+        count = len(self.tokenizer(instruction, add_special_tokens=False)["input_ids"])
+        if count > max_tokens:
+            raise InstructionError("instruction_too_long",
+                                   f"instruction has {count} tokens, more than {max_tokens} "
+                                   "(max_instruction_tokens)")
+        return count
+
+    def _special_tokens(self) -> list[str]:
+        if not hasattr(self, "_specials"):
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            found = {str(t) for t in self.tokenizer.all_special_tokens}
+            found |= {str(t) for t in decoder.values() if getattr(t, "special", False)}
+            found.add("<|placeholder|>")  # the marker __call__ expands image pads with
+            self._specials = sorted(t for t in found if t)
+        return self._specials
 
     def prompt(self, instruction: str, num_images: int) -> str:
         """The chat-format prompt text with one vision block per image (pads not expanded)."""

@@ -4,16 +4,20 @@ Layout:
 - `twinbrain_config.json`: the `TwinBrainConfig` (including the backbone path) and a fingerprint
   of the backbone it was trained from;
 - `model.safetensors`: the Right Brain, the state encoders and the action expert. The Left Brain
-  is never written: it is the base backbone checkpoint, loaded from `backbone_path`;
+  is never written: it is the base backbone checkpoint, loaded from `backbone_path`. Its SHA-256
+  is recorded in the config file and checked at every load (about 1 GB/s), so a flipped bit is
+  an error that names the file, never a silently different model;
 - `norm_stats.json`: state/action normalization statistics per embodiment.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,6 +74,7 @@ def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict |
         backbone = read_backbone_config(model.config.backbone_path)
         config = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
                   "backbone_fingerprint": backbone_fingerprint(backbone),
+                  "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
                   "metadata": metadata or {}}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         stats = {name: s.to_dict() for name, s in model.norm_stats.items()}
@@ -90,6 +95,39 @@ def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(directory: str | Path, raw_config: dict | None = None) -> None:
+    """Check `model.safetensors` against the checksum its checkpoint recorded.
+
+    Raises:
+        CheckpointError: the file differs from what was written.
+    """
+    directory = Path(directory)
+    if raw_config is None:
+        raw_config = read_checkpoint_config(directory)[1]
+    expected = raw_config.get("weights_sha256")
+    path = directory / WEIGHTS_FILE
+    if expected is None:
+        warnings.warn(f"checkpoint {directory} records no checksum of {WEIGHTS_FILE} (written "
+                      "by an older version): its integrity is not checked", stacklevel=2)
+        return
+    try:
+        found = file_sha256(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+    if found != expected:
+        raise CheckpointError(f"{path} is corrupt: its SHA-256 {found[:16]}... differs from the "
+                              f"{expected[:16]}... recorded when it was written")
 
 
 def read_checkpoint_config(directory: str | Path) -> tuple[TwinBrainConfig, dict]:
@@ -146,6 +184,7 @@ def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
 def load_trainable_weights(model: TwinBrainVLA, directory: str | Path) -> None:
     """Load a checkpoint's weights into an already-built model of the same configuration."""
     directory = Path(directory)
+    verify_weights(directory)
     weights = _read_weights(directory / WEIGHTS_FILE, trainable_state_dict(model))
     model.load_state_dict(weights, strict=False)
     model.norm_stats = read_norm_stats(directory)
@@ -183,6 +222,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"checkpoint {directory} was trained on another backbone than "
                               f"{config.backbone_path}: (checkpoint, backbone) differ in {diff}")
     norm_stats = read_norm_stats(directory)
+    verify_weights(directory, raw)
     vlm = load_vlm(config.backbone_path, dtype=dtype)
     processor = QwenVLProcessor.from_pretrained(config.backbone_path, config.image_size)
     model = TwinBrainVLA.from_vlm(config, vlm, processor)

@@ -43,6 +43,11 @@ class NormStats:
             raise ValueError(f"normalization statistics have different lengths: {lengths}")
         if any(not 0 <= i < self.dim for i in self.binary):
             raise ValueError(f"binary dims {self.binary} out of range for dim {self.dim}")
+        for name in ("mean", "std", "min", "max", "q01", "q99"):
+            values = np.asarray(getattr(self, name), dtype=np.float64)
+            if not np.isfinite(values).all():
+                raise ValueError(f"normalization statistic {name!r} has non-finite values "
+                                 f"{values.tolist()[:8]}")
 
     @property
     def dim(self) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 from ..actions import ActionConverter, ChunkRejected
 from ..embodiment import Embodiment
 from .runtime import ActionChunk, Observation
-from .scheduler import ActionChunkScheduler, SafetyFilter, Trajectory, hold_trajectory
+from .safety import SafetyFilter, hold_trajectory
+from .scheduler import ActionChunkScheduler, Trajectory
 
 
 @dataclass
@@ -42,41 +43,67 @@ class PolicyPipeline:
                                    embodiment.dt)
 
     def cycle(self, observation: Observation, observation_time: float,
-              clock: Callable[[], float]) -> CycleResult:
-        """Infer, convert, schedule and check one chunk.
+              clock: Callable[[], float],
+              measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
+        """Infer, convert, schedule and check one chunk (`infer`, then `plan`).
 
         Args:
             observation: the snapshot (state in `embodiment.joint_names` order).
             observation_time: when the snapshot's joint state was taken (clock seconds).
             clock: returns the current time on the same clock, read after inference.
+            measured: returns the newest measured joint position, read after inference (the
+                trajectory starts from it); None uses the observation's state.
 
         Raises:
             ChunkRejected: when the chunk must not be executed (non-finite output, failed
                 inverse kinematics, all actions already past); the caller holds still.
+            StateOutOfRange: the observed or measured state is outside the joint limits.
             Exception: whatever the model raised.
         """
+        chunk = self.infer(observation)
+        return self.plan(chunk, observation, observation_time, clock, measured)
+
+    def infer(self, observation: Observation) -> ActionChunk:
+        """Run the model on a snapshot whose state lies within the joint limits."""
+        self.safety.check_state(observation.state, self.embodiment.joint_names)
         chunk = self.runtime.infer(observation)
         if not np.isfinite(chunk.actions).all():
             raise ChunkRejected("non_finite_actions", "the model returned non-finite actions")
+        return chunk
+
+    def plan(self, chunk: ActionChunk, observation: Observation, observation_time: float,
+             clock: Callable[[], float],
+             measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
+        """Turn a chunk into the executing plan and the trajectory to publish (see `cycle`)."""
+        names = self.embodiment.joint_names
         targets = self.converter(chunk.actions, observation.state)
         now = clock()
         plan = self.scheduler.merge(targets, observation_time, now)
         if plan is None:
             raise ChunkRejected("chunk_too_late", f"all {len(targets)} actions of the chunk were "
                                                   "in the past when it was ready")
-        start = self.scheduler.commanded_position(now)
-        if start is None:
-            start = np.asarray(observation.state, dtype=np.float64)
+        position = observation.state if measured is None else measured()
+        start = self.safety.check_state(position, names)
         try:
             plan = self.safety.apply(plan, now, start)
         except ValueError as error:
             raise ChunkRejected("unsafe_targets", str(error)) from error
         self.scheduler.commit(plan)
-        trajectory = self.scheduler.trajectory(self.embodiment.joint_names, now, start)
+        trajectory = self.scheduler.trajectory(names, now, start)
         return CycleResult(trajectory=trajectory, chunk=chunk,
                            dropped_actions=len(targets) - len(plan.times))
 
     def hold(self, position: np.ndarray, now: float) -> Trajectory:
-        """Forget the plan and keep the robot at `position`."""
+        """Forget the plan and keep the robot at `position` (clipped into the joint limits).
+
+        Raises:
+            StateOutOfRange: `position` is outside the limits by more than one step; nothing
+                safe can be commanded from it.
+            ValueError: `position` is not finite.
+        """
         self.scheduler.reset()
+        position = np.asarray(position, dtype=np.float64)
+        if not np.isfinite(position).all():
+            raise ValueError("cannot hold at a non-finite position")
+        position = self.safety.check_state(position, self.embodiment.joint_names)
         return hold_trajectory(self.embodiment.joint_names, now, position, self.embodiment.dt)

@@ -68,6 +68,10 @@ class PolicyRuntime:
                          "brain_mode": self.model.config.brain_mode,
                          "embodiment_key": self.key}
 
+    def check_instruction(self, instruction: str, max_tokens: int) -> int:
+        """The instruction's token count; `InstructionError` (with a cause) if unusable."""
+        return self.model.processor.check_instruction(instruction, max_tokens)
+
     def infer(self, observation: Observation) -> ActionChunk:
         """Run the model on one observation; raises ValueError on unusable input."""
         start = time.perf_counter()

@@ -1,10 +1,10 @@
-"""Action-chunk scheduling and the safety filter, on plain NumPy arrays and seconds.
+"""Action-chunk scheduling on plain NumPy arrays and seconds.
 
 A chunk's action i is meant for `observation_time + (i + 1) * dt`. By the time the chunk is
 ready, some of those times have passed: they are dropped (latency compensation). The rest is
 blended into the plan being executed, so that the commanded position and velocity are continuous
-where the new chunk takes over, and then passed through the safety filter (joint limits, largest
-step per control period, finiteness).
+where the new chunk takes over, and then passed through the safety filter
+(`twinbrain_ros.policy.safety`).
 """
 
 from __future__ import annotations
@@ -48,31 +48,6 @@ class Trajectory:
     time_from_start: np.ndarray  # (K,)
     positions: np.ndarray        # (K, n)
     velocities: np.ndarray       # (K, n)
-
-
-class SafetyFilter:
-    """Joint limits, largest change per control step, and finiteness."""
-
-    def __init__(self, lower: np.ndarray, upper: np.ndarray, max_step: np.ndarray, dt: float):
-        """Limits in joint units; `max_step` is per control period `dt`."""
-        self.lower, self.upper = np.asarray(lower, float), np.asarray(upper, float)
-        self.max_step, self.dt = np.asarray(max_step, float), dt
-
-    def apply(self, plan: Plan, start_time: float, start_position: np.ndarray) -> Plan:
-        """Clip every target to the limits and to a reachable step from the previous target.
-
-        Raises:
-            ValueError: if any target is non-finite (the caller must hold still).
-        """
-        if not np.isfinite(plan.positions).all():
-            raise ValueError("non-finite joint targets")
-        positions = np.clip(plan.positions, self.lower, self.upper)
-        previous, previous_time = np.asarray(start_position, float), start_time
-        for k, t in enumerate(plan.times):
-            limit = self.max_step * max(t - previous_time, 0.0) / self.dt
-            positions[k] = previous + np.clip(positions[k] - previous, -limit, limit)
-            previous, previous_time = positions[k], t
-        return Plan(plan.times.copy(), positions)
 
 
 class ActionChunkScheduler:
@@ -126,12 +101,3 @@ class ActionChunkScheduler:
                           time_from_start=remaining.times - now,
                           positions=remaining.positions,
                           velocities=remaining.velocities(now, start_position))
-
-
-def hold_trajectory(joint_names: list[str], now: float, position: np.ndarray, dt: float
-                    ) -> Trajectory:
-    """A one-point trajectory that keeps the robot where it is."""
-    position = np.asarray(position, dtype=np.float64)
-    return Trajectory(joint_names=list(joint_names), start_time=now,
-                      time_from_start=np.array([dt]), positions=position[None].copy(),
-                      velocities=np.zeros((1, len(position))))

@@ -1,6 +1,9 @@
-"""ROS message <-> NumPy conversion without cv_bridge."""
+"""ROS message <-> NumPy conversion without cv_bridge, and the node runner."""
 
 from __future__ import annotations
+
+import collections
+import signal
 
 import numpy as np
 from builtin_interfaces.msg import Duration
@@ -9,17 +12,13 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from ..data.images import SUPPORTED_ENCODINGS as RAW_SUPPORTED_ENCODINGS
 from ..data.images import ImageFormatError, raw_to_rgb
+from ..errors import CausedError
 
 SUPPORTED_ENCODINGS = RAW_SUPPORTED_ENCODINGS
 
 
-class InputError(ValueError):
+class InputError(CausedError, ValueError):
     """A message that cannot be used; `cause` is a short key for counting and rate limiting."""
-
-    def __init__(self, cause: str, message: str):
-        """Store the cause key next to the human-readable message."""
-        super().__init__(message)
-        self.cause = cause
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
@@ -51,7 +50,13 @@ def joint_positions(msg: JointState, joint_names: list[str]) -> np.ndarray:
     index = {name: i for i, name in enumerate(msg.name)}
     missing = [name for name in joint_names if name not in index]
     if missing:
-        raise InputError("missing_joints", f"JointState lacks joints {missing}")
+        raise InputError("missing_joints", f"JointState lacks joints {missing[:5]}")
+    if len(index) != len(msg.name):
+        counts = collections.Counter(msg.name)
+        repeated = sorted(n for n in joint_names if counts[n] > 1)
+        if repeated:
+            raise InputError("duplicate_joints", f"JointState names joints {repeated[:5]} more "
+                                                 "than once")
     positions = np.array([msg.position[index[name]] for name in joint_names], dtype=np.float64)
     if not np.isfinite(positions).all():
         bad = [n for n, p in zip(joint_names, positions, strict=True) if not np.isfinite(p)]
@@ -130,11 +135,17 @@ def run_node(factory, name: str, args: list[str] | None = None,
     """Spin the node `factory()` builds until Ctrl-C; returns a process exit code.
 
     An expected error while building or spinning (bad parameters, a missing simulator) is
-    printed as `name: message` with exit code 1 instead of a traceback.
+    printed as `name: message` with exit code 1 instead of a traceback. Ctrl-C and SIGTERM end
+    the node cleanly with exit code 0. Under `ros2 launch` a terminal's Ctrl-C reaches the node
+    twice (the terminal's and the one launch forwards): once shutdown has begun, further
+    SIGINT/SIGTERM are ignored, so the worker threads are joined and nothing is interrupted.
     """
     import rclpy
     from rclpy.executors import ExternalShutdownException
 
+    # rclpy's own handler (installed by init) shuts the context down and then chains to the
+    # Python handler that was in place: SIGTERM then ends the spin like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     rclpy.init(args=args)
     node = None
     code = 0
@@ -147,19 +158,39 @@ def run_node(factory, name: str, args: list[str] | None = None,
         print(f"{name}: {error}", flush=True)
         code = 1
     finally:
+        _ignore_further_signals()
         if node is not None:
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        rclpy.try_shutdown()
     return code
 
 
-def declare_parameters(node, table: dict) -> dict:
-    """Declare `{name: (default, description)}` on `node`; returns {name: value}."""
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _ignore_further_signals() -> None:
+    """Ignore SIGINT/SIGTERM from here on (a pending one is dropped with its handler)."""
+    for _ in range(3):
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:  # a second Ctrl-C landed before the handlers changed
+            continue
+
+
+def declare_parameters(node, table: dict, read_only: set[str] | frozenset = frozenset()
+                       ) -> dict:
+    """Declare `{name: (default, description)}` on `node`; returns {name: value}.
+
+    Parameters named in `read_only` refuse changes at run time (`ros2 param set`).
+    """
     from rcl_interfaces.msg import ParameterDescriptor
 
     values = {}
     for name, (default, description) in table.items():
-        node.declare_parameter(name, default, ParameterDescriptor(description=description))
+        node.declare_parameter(name, default, ParameterDescriptor(
+            description=description, read_only=name in read_only))
         values[name] = node.get_parameter(name).value
     return values

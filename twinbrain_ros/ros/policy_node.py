@@ -9,9 +9,17 @@ worker thread, so the node keeps receiving while the model runs. Every `actions_
 control periods the worker takes the latest consistent snapshot and runs one
 `PolicyPipeline` cycle (model, inverse kinematics for end-effector actions, latency
 compensation, blending, safety). Trajectories go to the controller only when `enable_actuation`
-is true, otherwise to the dry-run topic. A failed cycle holds the robot where it is; stale or
-unsynchronised inputs produce no trajectory. `/diagnostics` reports latency, rate, rejected
-inputs by cause, the last error and the model's identity.
+is true, otherwise to the dry-run topic; `enable_actuation` may be changed at run time
+(`ros2 param set`), effective from the next cycle.
+
+Faults never stop the node: whatever fails in a cycle (bad input, the model, inverse
+kinematics, the safety checks) holds the robot at its newest measured position (clipped into
+the joint limits), is logged once per cause and counted, and the next cycle plans again. A
+watchdog restarts the worker should it ever end, and says so in `/diagnostics` at ERROR level.
+Stale or unsynchronised inputs produce no trajectory. An operator stops the robot with the
+`~/hold` service and lets the policy plan again with `~/resume` (both `std_srvs/Trigger`).
+`/diagnostics` reports latency, rate, rejected inputs by cause, the last error, the worker's
+state and the model's identity.
 """
 
 from __future__ import annotations
@@ -24,17 +32,19 @@ from dataclasses import fields
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
+from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from ..embodiment import Embodiment, EmbodimentError
-from ..policy.pipeline import ChunkRejected, PolicyPipeline
+from ..errors import CausedError, shorten
+from ..policy.pipeline import PolicyPipeline
 from ..policy.runtime import Observation, PolicyRuntime
 from ..policy.scheduler import Trajectory
 from .conversions import (
@@ -48,6 +58,8 @@ from .conversions import (
 )
 
 JOINT_HISTORY = 100  # joint states kept for stamp matching (2 s at 50 Hz)
+MAX_CAUSES = 48      # distinct rejection causes kept apart in /diagnostics; the rest is "other"
+LOG_EVERY_S = 5.0    # a cause is logged at most this often (its count is always kept)
 
 # Embodiment parameters come from the embodiment's YAML (config/<embodiment>.yaml): declared with
 # a type and no default, so a missing one is an error that names it.
@@ -57,6 +69,7 @@ _EMBODIMENT_TYPES = {
     "joint_lower_limits": Parameter.Type.DOUBLE_ARRAY,
     "joint_upper_limits": Parameter.Type.DOUBLE_ARRAY,
     "max_joint_step": Parameter.Type.DOUBLE_ARRAY,
+    "max_joint_velocity": Parameter.Type.DOUBLE_ARRAY,
     "control_rate_hz": Parameter.Type.DOUBLE,
     "action_space": Parameter.Type.STRING,
     "state_space": Parameter.Type.STRING,
@@ -80,16 +93,23 @@ _NODE_PARAMETERS = {
     "device": ("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
     "seed": (-1, "seed of the flow-matching noise; -1 draws fresh noise every chunk"),
     "enable_actuation": (False, "publish to the controller topics; false sends every "
-                                "trajectory to dry_run_topic instead"),
+                                "trajectory to dry_run_topic instead (may be changed at run "
+                                "time; turning it off holds the robot first)"),
     "actions_per_inference": (4, "control periods executed from a chunk before the next one "
                                  "is requested (the replanning period)"),
     "blend_steps": (2, "points of a new chunk cross-faded with the executing plan"),
     "max_input_age_s": (0.5, "an image or joint state older than this is stale"),
     "max_sync_skew_s": (0.1, "largest allowed stamp difference between image(s) and joint state"),
+    "max_instruction_tokens": (128, "longest instruction in tokens of the checkpoint's "
+                                    "tokenizer; longer ones are rejected"),
     "stamp_trajectories": (False, "stamp trajectories with the plan's start time instead of "
                                   "zero (zero means 'start now' to the controller)"),
+    "input_silence_s": (2.0, "an input topic with a matched publisher but no message for this "
+                             "long (wall clock) gets its subscription recreated"),
     "diagnostics_period_s": (1.0, "period of /diagnostics messages"),
 }
+# Parameters that may change while the node runs; every other one is read-only.
+_DYNAMIC_PARAMETERS = ("enable_actuation",)
 
 
 class PolicyNode(Node):
@@ -99,7 +119,9 @@ class PolicyNode(Node):
         """Declare parameters, load the model (unless `runtime` is given), wire the topics."""
         super().__init__("policy_node", **node_kwargs)
         self.embodiment = self._declare_embodiment()
-        self.params = p = declare_parameters(self, _NODE_PARAMETERS)
+        self.params = p = declare_parameters(self, _NODE_PARAMETERS,
+                                             read_only=set(_NODE_PARAMETERS)
+                                             - set(_DYNAMIC_PARAMETERS))
         if runtime is None:
             if not p["checkpoint"]:
                 raise ValueError("parameter 'checkpoint' is required (a checkpoint directory)")
@@ -109,48 +131,61 @@ class PolicyNode(Node):
         self.runtime = runtime
         self.pipeline = PolicyPipeline(runtime, self.embodiment, blend_steps=p["blend_steps"])
         self.period = self.embodiment.dt * max(1, int(p["actions_per_inference"]))
+        if int(p["max_instruction_tokens"]) < 1:
+            raise ValueError("max_instruction_tokens must be at least 1")
 
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # the latest inputs
+        # The plan and what is published from it: the worker after inference, the hold and
+        # resume services and the actuation switch. Never held while the model runs.
+        self._plan_lock = threading.RLock()
+        self._stats_lock = threading.Lock()  # counters and timings read by /diagnostics
         emb = self.embodiment
         self._images: dict[str, tuple] = {}     # topic -> (rgb, receipt time, stamp)
-        self._image_shapes: dict[str, tuple] = {}
         # Recent joint states (positions, receipt time, stamp), newest last: joint states come
         # much faster than images, so the one stamped nearest the images is used.
         self._joints = collections.deque(maxlen=JOINT_HISTORY)
         self._instruction = None
         self.rejected = collections.Counter()
-        self._last_log: dict[str, float] = {}
+        self._last_log: dict[str, tuple[float, int]] = {}  # cause -> (time logged, count then)
         self.last_error = ""
         self.latencies = collections.deque(maxlen=200)
         self.cycles = collections.deque(maxlen=200)  # per-cycle timing records (clock seconds)
         self.chunk_times = collections.deque(maxlen=200)
+        self.holds = 0
+        self.worker_restarts = 0
+        self._worker_failure = ""            # why the watchdog last restarted the worker
+        self._operator_hold = False
+        self._generation = 0                 # bumped by hold/resume/actuation changes
+        # Camera and joint-state subscriptions are watched: one that stays silent while a
+        # publisher is matched is recreated (see `_watch_inputs`).
+        self._inputs: dict[str, dict] = {}
         for topic in emb.image_topics:
-            self.create_subscription(Image, topic, lambda m, t=topic: self._on_image(t, m),
-                                     qos_profile_sensor_data)
-        self.create_subscription(JointState, emb.joint_state_topic, self._on_joints, 10)
+            self._subscribe(topic, Image, lambda m, t=topic: self._on_image(t, m),
+                            qos_profile_sensor_data)
+        self._subscribe(emb.joint_state_topic, JointState, self._on_joints, 10)
         self.create_subscription(String, emb.instruction_topic, self._on_instruction, 10)
-        actuate = bool(p["enable_actuation"])
-        # Actuated: the arm (and a separate gripper) controller; otherwise every joint in one
-        # trajectory on the dry-run topic.
-        self.actuate = actuate
-        topics = ([emb.trajectory_topic] + ([emb.gripper_topic] if emb.gripper_topic else [])
-                  if actuate else [emb.dry_run_topic])
+        # Both routes exist from the start, so that actuation can be switched at run time: the
+        # arm (and a separate gripper) controller, and the dry-run topic with every joint.
+        self.actuate = bool(p["enable_actuation"])
+        topics = [emb.trajectory_topic, emb.gripper_topic, emb.dry_run_topic]
         self._publishers_by_topic = {t: self.create_publisher(JointTrajectory, t, 10)
-                                     for t in topics}
+                                     for t in dict.fromkeys(topics) if t}
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(Trigger, "~/hold", self._on_hold)
+        self.create_service(Trigger, "~/resume", self._on_resume)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(float(p["diagnostics_period_s"]), self._publish_diagnostics)
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="inference", daemon=True)
-        self._worker.start()
-        output = (f"ACTUATION ENABLED on {emb.trajectory_topic}" if actuate
-                  else f"dry run on {emb.dry_run_topic}")
+        self._heartbeat = time.monotonic()
+        self._worker = self._start_worker()
+        self.create_timer(0.5, self._watchdog)
         self.get_logger().info(
-            f"policy node ready: embodiment {emb.name} ({emb.action_space}), {output}")
+            f"policy node ready: embodiment {emb.name} ({emb.action_space}), {self._route()}")
 
     def _declare_embodiment(self) -> Embodiment:
         values = {}
         for name, kind in _EMBODIMENT_TYPES.items():
-            descriptor = ParameterDescriptor(description=_field_doc(name))
+            descriptor = ParameterDescriptor(description=_field_doc(name), read_only=True)
             self.declare_parameter(name, kind, descriptor)
             try:
                 values[name] = self.get_parameter(name).value
@@ -162,18 +197,89 @@ class PolicyNode(Node):
             raise ValueError(f"{error}: pass the embodiment's params file "
                              "(--params-file config/<embodiment>.yaml)") from error
 
-    # -- callbacks: convert, check, store; the model never runs here -------------------------
+    def _route(self) -> str:
+        emb = self.embodiment
+        return (f"ACTUATION ENABLED on {emb.trajectory_topic}" if self.actuate
+                else f"dry run on {emb.dry_run_topic}")
+
+    # -- logging and counting ------------------------------------------------------------------
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
+    def _count(self, cause: str, n: int = 1) -> None:
+        """Count under a bounded set of keys: causes past MAX_CAUSES go to 'other'."""
+        with self._stats_lock:
+            if cause not in self.rejected and len(self.rejected) >= MAX_CAUSES:
+                cause = "other"
+            self.rejected[cause] += n
+
+    def _log(self, level: str, text: str) -> None:
+        # rclpy refuses a call site whose severity changes between calls: one line per level.
+        logger = self.get_logger()
+        if level == "error":
+            logger.error(text)
+        elif level == "warning":
+            logger.warning(text)
+        else:
+            logger.info(text)
+
     def _reject(self, cause: str, message: str, level: str = "warning") -> None:
-        """Count a rejected input or cycle and log it at most once per cause every 5 s."""
-        self.rejected[cause] += 1
+        """Count a rejected input or cycle; log it at most once per cause every LOG_EVERY_S."""
+        self._count(cause)
         now = time.monotonic()
-        if now - self._last_log.get(cause, -1e9) >= 5.0:
-            self._last_log[cause] = now
-            getattr(self.get_logger(), level)(f"{message} [{cause}]")
+        with self._stats_lock:
+            total = self.rejected.get(cause, self.rejected.get("other", 0))
+            logged_at, logged_count = self._last_log.get(cause, (-1e9, 0))
+            due = now - logged_at >= LOG_EVERY_S
+            if due and (cause in self._last_log or len(self._last_log) < MAX_CAUSES):
+                self._last_log[cause] = (now, total)
+        if due:
+            since = total - logged_count - 1
+            more = f" ({since} more since the last report)" if logged_count and since > 0 else ""
+            self._log(level, f"{message} [{cause}]{more}")
+
+    # -- callbacks: convert, check, store; the model never runs here -------------------------
+
+    def _subscribe(self, topic: str, message_type, callback, qos) -> None:
+        def received(msg, callback=callback, topic=topic):
+            self._inputs[topic]["received"] = time.monotonic()
+            callback(msg)
+
+        entry = self._inputs.setdefault(topic, {"received": None, "resubscribed": 0,
+                                                "backoff": 1.0, "type": message_type,
+                                                "callback": callback, "qos": qos})
+        entry["subscription"] = self.create_subscription(message_type, topic, received, qos)
+        entry["since"] = time.monotonic()
+
+    def _watch_inputs(self) -> None:
+        """Recreate the subscription of an input that went silent while a publisher is matched.
+
+        A DDS reader can stop receiving for good while its publisher goes on (seen with large
+        images over shared memory on a loaded machine while other subscribers came and went);
+        a new subscription is a new reader. Silence is measured on the wall clock, and each
+        recreation doubles the wait before the next one (up to 32x), so a publisher that is
+        merely paused (a simulator between episodes) costs a log line now and then.
+        """
+        limit = float(self.params["input_silence_s"])
+        now = time.monotonic()
+        for topic, entry in self._inputs.items():
+            last = entry["received"]
+            if last is not None and last >= entry["since"]:
+                entry["backoff"] = 1.0
+            reference = max(entry["since"], last or entry["since"])
+            if now - reference < limit * entry["backoff"]:
+                continue
+            publishers = self.count_publishers(topic)
+            if publishers == 0:
+                continue
+            self.destroy_subscription(entry["subscription"])
+            self._subscribe(topic, entry["type"], entry["callback"], entry["qos"])
+            entry["resubscribed"] += 1
+            entry["backoff"] = min(entry["backoff"] * 2.0, 32.0)
+            self._reject("input_resubscribed",
+                         f"no message on {topic} for {now - reference:.1f} s while {publishers} "
+                         "publisher(s) are matched: subscription recreated")
 
     def _on_image(self, topic: str, msg: Image) -> None:
         try:
@@ -181,38 +287,112 @@ class PolicyNode(Node):
         except InputError as error:
             self._reject(error.cause, f"dropped image on {topic}: {error}")
             return
-        expected = self._image_shapes.setdefault(topic, rgb.shape)
-        if rgb.shape != expected:
-            self._reject("image_size_changed", f"dropped image on {topic}: size changed from "
-                                               f"{expected[1]}x{expected[0]} to "
-                                               f"{rgb.shape[1]}x{rgb.shape[0]}")
-            return
+        # Any size is usable (the model's processor resizes every frame to its input size), so a
+        # camera that changes resolution keeps working.
         with self._lock:
             self._images[topic] = (rgb, self._now(), _stamp(msg))
 
     def _on_joints(self, msg: JointState) -> None:
         try:
             positions = joint_positions(msg, self.embodiment.joint_names)
-        except InputError as error:
+            self.pipeline.safety.check_state(positions, self.embodiment.joint_names)
+        except CausedError as error:
             self._reject(error.cause, f"dropped joint state: {error}")
             return
         with self._lock:
             self._joints.append((positions, self._now(), _stamp(msg)))
 
     def _on_instruction(self, msg: String) -> None:
-        text = msg.data.strip()
-        if not text:
-            self._reject("empty_instruction", "rejected an empty instruction")
+        text = msg.data
+        max_tokens = int(self.params["max_instruction_tokens"])
+        try:
+            if len(text) > 8 * max_tokens:  # refused before any work on it (see QwenVLProcessor)
+                raise CausedError("instruction_too_long",
+                                  f"instruction of {len(text)} characters is longer than "
+                                  f"{max_tokens} tokens (max_instruction_tokens)")
+            text = text.strip()
+            if not text:
+                raise CausedError("empty_instruction", "rejected an empty instruction")
+            check = getattr(self.runtime, "check_instruction", None)
+            if check is not None:
+                check(text, max_tokens)
+        except CausedError as error:
+            # The robot must not go on with the previous task when a new one was meant.
+            with self._lock:
+                had_one, self._instruction = self._instruction is not None, None
+            suffix = "; no new plans until a valid instruction arrives" if had_one else ""
+            self._reject(error.cause, f"rejected an instruction: {error}{suffix}")
             return
         with self._lock:
             previous, self._instruction = self._instruction, text
         if text != previous:
-            self.get_logger().info(f"instruction: {text!r}")
+            self.get_logger().info(f"instruction: {shorten(repr(text), 200)}")
+
+    def _on_hold(self, request, response):
+        with self._plan_lock:
+            self._operator_hold = True
+            self._generation += 1
+            held = self._hold("operator hold")
+        response.success = True
+        response.message = ("holding at the measured position; call ~/resume to plan again"
+                            if held else "holding: no plans will be published (no measured "
+                                         "position to send a hold to)")
+        self.get_logger().warning(f"operator hold: {response.message}")
+        return response
+
+    def _on_resume(self, request, response):
+        with self._plan_lock:
+            was_held, self._operator_hold = self._operator_hold, False
+            self._generation += 1
+            self.pipeline.scheduler.reset()
+        response.success = True
+        response.message = "resumed: planning from the next cycle" if was_held else \
+            "was not held; planning continues"
+        self.get_logger().info(f"operator resume: {response.message}")
+        return response
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        for parameter in parameters:
+            if parameter.name == "enable_actuation" and \
+                    parameter.type_ != Parameter.Type.BOOL:
+                return SetParametersResult(successful=False,
+                                           reason="enable_actuation must be a bool")
+        for parameter in parameters:
+            if parameter.name == "enable_actuation":
+                self._set_actuation(bool(parameter.value))
+        return SetParametersResult(successful=True)
+
+    def _set_actuation(self, enable: bool) -> None:
+        with self._plan_lock:
+            if enable == self.actuate:
+                return
+            if not enable:
+                # The controller would finish the plan it has: stop it where the robot is.
+                self._hold("actuation disabled")
+            self.actuate = enable
+            self.params["enable_actuation"] = enable
+            self._generation += 1
+            self.pipeline.scheduler.reset()
+        self.get_logger().warning(f"enable_actuation set to {enable}: {self._route()} from "
+                                  "the next cycle")
 
     # -- inference worker --------------------------------------------------------------------
 
+    def _start_worker(self) -> threading.Thread:
+        worker = threading.Thread(target=self._run, name="inference", daemon=True)
+        worker.start()
+        return worker
+
+    def _measured(self, max_age: float | None = None) -> np.ndarray | None:
+        """The newest measured joint position (None if none, or older than `max_age`)."""
+        with self._lock:
+            newest = self._joints[-1] if self._joints else None
+        if newest is None or (max_age is not None and self._now() - newest[1] > max_age):
+            return None
+        return newest[0].copy()
+
     def _snapshot(self):
-        """The latest consistent (observation, observation time), or None (cause counted)."""
+        """The latest consistent (observation, observation time, inputs), or None."""
         with self._lock:
             images = dict(self._images)
             history, instruction = list(self._joints), self._instruction
@@ -246,11 +426,14 @@ class PolicyNode(Node):
         # Without usable inputs it looks again after one control period, not a whole replanning
         # period: the first chunk follows the first usable observation closely.
         while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
             start = self._now()
-            snapshot = self._snapshot()
-            if snapshot is not None:
-                self._cycle(*snapshot)
-            wait = self.period if snapshot is not None else self.embodiment.dt
+            planned = False
+            try:
+                planned = self._plan_once()
+            except Exception as error:  # noqa: BLE001 - whatever failed, the robot must hold
+                self._fail(error)
+            wait = self.period if planned else self.embodiment.dt
             while not self._stop.is_set():
                 elapsed = self._now() - start
                 remaining = wait - elapsed
@@ -258,42 +441,121 @@ class PolicyNode(Node):
                     break
                 self._stop.wait(min(remaining, 0.005))
 
-    def _cycle(self, observation: Observation, observation_time: float, inputs: dict) -> None:
+    def _plan_once(self) -> bool:
+        """One cycle; True when a chunk was inferred (published or refused)."""
+        if self._operator_hold:
+            return False
+        snapshot = self._snapshot()
+        if snapshot is None:
+            return False
+        observation, observation_time, inputs = snapshot
+        generation = self._generation
         started = self._now()
-        try:
-            result = self.pipeline.cycle(observation, observation_time, self._now)
-        except Exception as error:  # noqa: BLE001 - whatever failed, the robot must hold still
-            cause = getattr(error, "cause", "inference_error")
-            self.last_error = f"{cause}: {error}"
-            level = "warning" if isinstance(error, ChunkRejected) else "error"
-            self._reject(cause, f"holding position: {error}", level=level)
-            self._publish(self.pipeline.hold(observation.state, self._now()))
-            return
-        self.latencies.append(result.chunk.latency_s)
-        self.chunk_times.append(time.monotonic())
+        chunk = self.pipeline.infer(observation)
+        with self._plan_lock:
+            if generation != self._generation or self._operator_hold:
+                self._count("discarded_after_hold")
+                return True
+            result = self.pipeline.plan(chunk, observation, observation_time, self._now,
+                                        measured=lambda: self._measured_or(observation.state))
+            published = self._publish(result.trajectory)
+        now = self._now()
+        with self._stats_lock:
+            self.latencies.append(result.chunk.latency_s)
+            self.chunk_times.append(time.monotonic())
+            # Time in the node beyond the model: snapshot, conversion, scheduling, safety,
+            # publishing.
+            self.cycles.append({**inputs, "started": started, "model_s": result.chunk.latency_s,
+                                "published": now,
+                                "overhead_s": now - started - result.chunk.latency_s})
         if result.dropped_actions:
-            self.rejected["late_actions_dropped"] += result.dropped_actions
-        self._publish(result.trajectory)
-        # Time in the node beyond the model: snapshot, conversion, scheduling, safety, publish.
-        published = self._now()
-        overhead = published - started - result.chunk.latency_s
-        self.cycles.append({**inputs, "started": started, "model_s": result.chunk.latency_s,
-                            "published": published, "overhead_s": overhead})
+            self._count("late_actions_dropped", result.dropped_actions)
+        return published
 
-    def _publish(self, trajectory: Trajectory) -> None:
+    def _measured_or(self, fallback: np.ndarray) -> np.ndarray:
+        measured = self._measured()
+        return fallback if measured is None else measured
+
+    def _fail(self, error: Exception) -> None:
+        """A failed cycle: log and count its cause, hold the robot where it is measured."""
+        cause = error.cause if isinstance(error, CausedError) else "inference_error"
+        text = shorten(str(error) or type(error).__name__, 300)
+        with self._stats_lock:
+            self.last_error = f"{cause}: {text}"
+        self._reject(cause, f"holding position: {text}",
+                     level="warning" if isinstance(error, CausedError) else "error")
+        with self._plan_lock:
+            self._hold(cause)
+
+    def _hold(self, reason: str) -> bool:
+        """Publish a hold at the newest measured position (call with `_plan_lock` held).
+
+        A measured position older than `max_input_age_s` is not trusted while a plan runs: the
+        robot then holds at the commanded position. Returns whether a hold was published.
+        """
+        now = self._now()
+        position = self._measured(float(self.params["max_input_age_s"]))
+        if position is None:
+            position = self.pipeline.scheduler.commanded_position(now)
+        if position is None:
+            position = self._measured()
+        self.pipeline.scheduler.reset()
+        if position is None:
+            return False
+        try:
+            trajectory = self.pipeline.hold(position, now)
+        except ValueError as error:
+            self._reject(getattr(error, "cause", "hold_refused"),
+                         f"cannot hold ({reason}): {error}")
+            return False
+        with self._stats_lock:
+            self.holds += 1
+        return self._publish(trajectory)
+
+    def _publish(self, trajectory: Trajectory) -> bool:
+        """Publish to the current route; False after shutdown began (nothing is sent then)."""
         emb = self.embodiment
+        if self._stop.is_set() or not self.context.ok():
+            return False
+        if not _within_limits(trajectory.positions, emb):
+            # The safety filter makes this impossible; the check stays as the last gate.
+            self._reject("command_outside_limits", "refused to publish a trajectory outside the "
+                                                   "joint limits", level="error")
+            return False
         stamp = None
         if self.params["stamp_trajectories"]:
             stamp = rclpy.time.Time(seconds=trajectory.start_time).to_msg()
-        if not self.actuate:
-            self._publishers_by_topic[emb.dry_run_topic].publish(make_trajectory(
+        if self.actuate:
+            messages = controller_trajectories(emb, trajectory.positions,
+                                               trajectory.time_from_start,
+                                               trajectory.velocities, stamp=stamp)
+        else:
+            messages = [(emb.dry_run_topic, make_trajectory(
                 emb.joint_names, trajectory.positions, trajectory.time_from_start,
-                trajectory.velocities, stamp=stamp))
+                trajectory.velocities, stamp=stamp))]
+        try:
+            for topic, message in messages:
+                self._publishers_by_topic[topic].publish(message)
+        except Exception:  # the context may end between the check and the call (Ctrl-C)
+            if self._stop.is_set() or not self.context.ok():
+                return False
+            raise
+        return True
+
+    def _watchdog(self) -> None:
+        """Watch the inputs; restart the worker should it ever end (see `_watch_inputs`)."""
+        if self._stop.is_set():
             return
-        for topic, message in controller_trajectories(
-                emb, trajectory.positions, trajectory.time_from_start, trajectory.velocities,
-                stamp=stamp):
-            self._publishers_by_topic[topic].publish(message)
+        self._watch_inputs()
+        if self._worker.is_alive():
+            return
+        self.worker_restarts += 1
+        self._worker_failure = (f"inference worker stopped unexpectedly; restarted "
+                                f"({self.worker_restarts} restarts)")
+        self.get_logger().error(self._worker_failure)
+        with self._plan_lock:
+            self._hold("worker restart")
+        self._worker = self._start_worker()
 
     # -- diagnostics ---------------------------------------------------------------------------
 
@@ -301,37 +563,64 @@ class PolicyNode(Node):
         status = DiagnosticStatus(name="twinbrain_ros: policy_node",
                                   hardware_id=str(self.params["checkpoint"]))
         values = {}
-        if self.latencies:
-            lat = np.asarray(self.latencies) * 1000.0
+        with self._stats_lock:
+            latencies = list(self.latencies)
+            overheads = [c["overhead_s"] for c in self.cycles]
+            chunk_times = list(self.chunk_times)
+            rejected = sorted(self.rejected.items())
+            last_error, holds = self.last_error, self.holds
+        if latencies:
+            lat = np.asarray(latencies) * 1000.0
             values["inference_latency_median_ms"] = f"{np.median(lat):.1f}"
             values["inference_latency_p95_ms"] = f"{np.percentile(lat, 95):.1f}"
-        if self.cycles:
-            overhead = np.asarray([c["overhead_s"] for c in self.cycles]) * 1000.0
-            values["cycle_overhead_median_ms"] = f"{np.median(overhead):.2f}"
-        recent = [t for t in self.chunk_times if time.monotonic() - t <= 10.0]
+        if overheads:
+            values["cycle_overhead_median_ms"] = f"{np.median(overheads) * 1000.0:.2f}"
+        recent = [t for t in chunk_times if time.monotonic() - t <= 10.0]
         values["achieved_rate_hz"] = f"{len(recent) / 10.0:.2f}"
-        values["chunks_total"] = str(len(self.latencies))
-        for cause, count in sorted(self.rejected.items()):
+        values["chunks_total"] = str(len(latencies))
+        for cause, count in rejected:
             values[f"rejected.{cause}"] = str(count)
-        values["last_error"] = self.last_error
-        values["actuation_enabled"] = str(bool(self.params["enable_actuation"]))
+        values["holds_total"] = str(holds)
+        values["last_error"] = last_error
+        values["worker_alive"] = str(self._worker.is_alive())
+        values["worker_restarts"] = str(self.worker_restarts)
+        values["worker_idle_s"] = f"{time.monotonic() - self._heartbeat:.1f}"
+        values["operator_hold"] = str(self._operator_hold)
+        now = time.monotonic()
+        for topic, entry in self._inputs.items():
+            age = "never" if entry["received"] is None else f"{now - entry['received']:.2f}"
+            values[f"input.{topic}.silent_s"] = age
+            values[f"input.{topic}.resubscribed"] = str(entry["resubscribed"])
+        values["actuation_enabled"] = str(self.actuate)
         values["embodiment"] = self.embodiment.name
         for key, value in getattr(self.runtime, "identity", {}).items():
             values[f"model.{key}"] = str(value)
         status.level = DiagnosticStatus.OK
         status.message = "running"
-        if self.last_error:
-            status.level, status.message = DiagnosticStatus.WARN, self.last_error[:200]
+        if self._operator_hold:
+            status.level, status.message = DiagnosticStatus.WARN, "held by the operator"
+        elif last_error:
+            status.level, status.message = DiagnosticStatus.WARN, last_error[:200]
+        if self._worker_failure or not self._worker.is_alive():
+            status.level = DiagnosticStatus.ERROR
+            status.message = self._worker_failure or "inference worker is not running"
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_publisher.publish(array)
 
     def destroy_node(self) -> None:
-        """Stop the worker before the node goes away."""
+        """Stop and join the worker before the node goes away; nothing is published after."""
         self._stop.set()
         self._worker.join(timeout=10.0)
         super().destroy_node()
+
+
+def _within_limits(positions: np.ndarray, embodiment: Embodiment) -> bool:
+    positions = np.asarray(positions, dtype=np.float64)
+    return bool(np.isfinite(positions).all()
+                and np.all(positions >= embodiment.lower - 1e-9)
+                and np.all(positions <= embodiment.upper + 1e-9))
 
 
 def _matching_joint_state(history: list[tuple], image_stamps: list[float]) -> tuple:

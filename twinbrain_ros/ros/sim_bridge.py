@@ -116,7 +116,8 @@ class SimBridge(Node):
         self.episodes: list[dict] = []  # results of ended episodes
 
         q, _ = backend.joint_state()
-        self.follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q)
+        self.follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q,
+                                           max_velocity=emb.max_velocity)
         self._substeps = max(1, round(emb.dt / backend.sim_dt))
         camera_rate = float(p["camera_rate_hz"]) or emb.control_rate_hz
         self._camera_every = max(1, round(1.0 / (camera_rate * backend.sim_dt)))
@@ -200,7 +201,19 @@ class SimBridge(Node):
 
     # -- simulation thread ---------------------------------------------------------------------
 
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or not self.context.ok()
+
     def _loop(self) -> None:
+        try:
+            self._simulate()
+        except Exception:
+            # Ctrl-C shuts the context down while this thread may be publishing: that ends the
+            # loop quietly. Anything else is a bug worth its traceback.
+            if not self._stopping():
+                raise
+
+    def _simulate(self) -> None:
         rtf = float(self.params["real_time_factor"])
         while not self._stop.is_set() and rclpy.ok(context=self.context):
             with self._lock:
@@ -210,6 +223,8 @@ class SimBridge(Node):
                 try:
                     self._start_episode(*request)
                 except Exception as error:  # noqa: BLE001 - report it, keep the node up
+                    if self._stopping():
+                        return
                     self.get_logger().error(f"episode start failed: {error!r}")
                     self._end_episode(False, error=repr(error))
                 self._wall_start = (time.monotonic(), self._sim_time)
@@ -220,6 +235,8 @@ class SimBridge(Node):
             try:
                 self._step()
             except Exception as error:  # noqa: BLE001 - end the episode, keep the node up
+                if self._stopping():
+                    return
                 self.get_logger().error(f"simulation failed, episode ended: {error!r}")
                 self._end_episode(False, error=repr(error))
                 continue
@@ -243,7 +260,7 @@ class SimBridge(Node):
         q, _ = self.backend.joint_state()
         with self._lock:
             self._sim_time += max(0.0, float(self.params["episode_gap_s"]))
-            self.follower.reset(q)
+            self.follower.reset(q, now=self._sim_time)
             self._episode = episode
             self._episode_index += 1
             self._steps = 0
@@ -282,7 +299,7 @@ class SimBridge(Node):
         if at_control and self._expert is not None:
             self._expert_act()
         with self._lock:
-            target = self.follower.sample(self._sim_time + backend.sim_dt)
+            target = self.follower.advance(self._sim_time + backend.sim_dt)
         backend.step(target)
         with self._lock:
             self._sim_time += backend.sim_dt
@@ -355,10 +372,11 @@ class SimBridge(Node):
                 publisher.publish(rgb_to_image(frame, stamp=stamp, frame_id=name))
 
     def destroy_node(self) -> None:
-        """Stop the simulation thread and close the simulator."""
+        """Stop and join the simulation thread, then close the simulator."""
         self._stop.set()
         self._thread.join(timeout=10.0)
-        self.backend.close()
+        if not self._thread.is_alive():  # a simulator step in progress is never torn down
+            self.backend.close()
         super().destroy_node()
 
 

@@ -116,6 +116,17 @@ BACKENDS: dict[str, tuple[str, str, str, str]] = {
                       "pip install mujoco==3.3.7 && pip install --no-deps robosuite==1.5.2"),
 }
 
+def stiffen_joint_limits(model, time_constant: float = 0.005) -> None:
+    """Make the range-limited joints of a MuJoCo model stop hard at their limits.
+
+    MuJoCo's default limit constraint (solref 0.02 s) lets a stiff position servo or a contact
+    push a joint a tenth of a radian or more past its range; a robot's hard stop does not give.
+    The time constant stays at least 2.5 physics steps, MuJoCo's stability bound.
+    """
+    limited = model.jnt_limited.astype(bool)
+    model.jnt_solref[limited] = (max(time_constant, 2.5 * model.opt.timestep), 1.0)
+
+
 DEFAULT_BACKENDS = {"widowx": "widowx_mujoco", "gr1": "gr1_robosuite"}
 
 

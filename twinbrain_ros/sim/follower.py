@@ -10,7 +10,10 @@ JointTrajectoryController closely enough for a policy to behave the same on both
   commanded at that moment, so consecutive chunks join without a jump;
 - between points the target moves linearly at the simulator's rate; after the last point the
   joints hold it;
-- points already in the past are skipped; a trajectory entirely in the past is refused.
+- points already in the past are skipped; a trajectory entirely in the past is refused;
+- the command sent to the joints moves at most `max_velocity` (the hardware's joint velocity
+  limits, as ros2_control's joint limiters enforce them): a trajectory that jumps is followed at
+  that speed instead of slamming the servos into their limits.
 """
 
 from __future__ import annotations
@@ -39,19 +42,27 @@ class TrajectoryFollower:
     """
 
     def __init__(self, joint_names: list[str], lower: np.ndarray, upper: np.ndarray,
-                 position: np.ndarray):
-        """Hold `position` until a trajectory arrives; targets are clipped to [lower, upper]."""
+                 position: np.ndarray, max_velocity: np.ndarray | None = None):
+        """Hold `position` until a trajectory arrives; targets are clipped to [lower, upper].
+
+        `max_velocity` (per joint, units per second) limits how fast the command moves in
+        `advance`; None leaves it unlimited.
+        """
         self.joint_names = list(joint_names)
         self._index = {name: i for i, name in enumerate(self.joint_names)}
         self.lower = np.asarray(lower, dtype=np.float64)
         self.upper = np.asarray(upper, dtype=np.float64)
+        self.max_velocity = (None if max_velocity is None
+                             else np.asarray(max_velocity, dtype=np.float64))
         self.reset(position)
 
-    def reset(self, position: np.ndarray) -> None:
+    def reset(self, position: np.ndarray, now: float | None = None) -> None:
         """Forget all trajectories and hold `position` (after an episode reset)."""
         position = np.asarray(position, dtype=np.float64)
         self._hold = np.clip(position, self.lower, self.upper)
         self._segments: list[_Segment] = []
+        self._command = self._hold.copy()
+        self._command_time = now
 
     def receive(self, names: list[str], times_from_start: np.ndarray, positions: np.ndarray,
                 start_time: float, now: float) -> int:
@@ -92,7 +103,10 @@ class TrajectoryFollower:
                                   f"now {now:.3f} s)")
         indices = np.array([self._index[n] for n in names])
         begin = max(start_time, now)
-        start_point = self.sample(begin)[indices]
+        # Starting now: from what the joints are being commanded (which may lag the previous
+        # trajectory when the velocity limit acts), so the command never jumps.
+        lagging = self.max_velocity is not None and begin <= now
+        start_point = (self._command if lagging else self.sample(begin))[indices]
         segment = _Segment(indices=indices,
                            times=np.concatenate([[begin], absolute[keep]]),
                            points=np.vstack([start_point,
@@ -112,8 +126,20 @@ class TrajectoryFollower:
         self._segments = remaining + [segment]
         return int(keep.sum())
 
+    def advance(self, now: float) -> np.ndarray:
+        """The command at `now`: `sample(now)` approached at no more than `max_velocity`.
+
+        Call with increasing times (once per simulator step).
+        """
+        target = self.sample(now)
+        if self.max_velocity is not None and self._command_time is not None:
+            reach = self.max_velocity * max(now - self._command_time, 0.0)
+            target = self._command + np.clip(target - self._command, -reach, reach)
+        self._command, self._command_time = target, now
+        return target.copy()
+
     def sample(self, now: float) -> np.ndarray:
-        """Targets of all joints at time `now`."""
+        """Targets of all joints at time `now` (the trajectories, without the velocity limit)."""
         target = self._hold.copy()
         for segment in self._segments:
             target[segment.indices] = _interpolate(segment, now)

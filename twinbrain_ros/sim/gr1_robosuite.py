@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..embodiment import Embodiment
-from .base import Episode, ScriptedExpert, SimBackend, SimError
+from .base import Episode, ScriptedExpert, SimBackend, SimError, stiffen_joint_limits
 
 
 def _quiet_robosuite() -> None:
@@ -238,6 +238,7 @@ class GR1RobosuiteBackend(SimBackend):
         # The placement samplers hold the env's Generator itself: reseed it in place.
         self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self.env.reset()
+        stiffen_joint_limits(self.model)
         self._head_hold = self.data.qpos[self._head_qpos].copy()
         self._time = 0.0
         env = self.env

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..embodiment import Embodiment
 from ..kinematics import WIDOWX_ARM_JOINTS, widowx_urdf, widowx_xacro_path
-from .base import Episode, ScriptedExpert, SimBackend, SimError
+from .base import Episode, ScriptedExpert, SimBackend, SimError, stiffen_joint_limits
 
 ROBOT = "wx250s"
 COLORS = {  # solid, clearly distinct cube colours (RGBA)
@@ -303,6 +303,7 @@ class WidowXMujocoBackend(SimBackend):
         self.image_width, self.image_height = int(image_width), int(image_height)
         self.home_noise = float(home_noise)
         self.model = _build_model(task, self.image_width, self.image_height)
+        stiffen_joint_limits(self.model)
         self.data = mujoco.MjData(self.model)
         self._substeps = max(1, round(self.sim_dt / self.model.opt.timestep))
         m = self.model
