@@ -54,10 +54,9 @@ def main(argv=None) -> int:
     from std_msgs.msg import String
     from trajectory_msgs.msg import JointTrajectory
 
-    from twinbrain_ros.embodiment import Embodiment, config_dir
     from twinbrain_ros.model.tiny import make_tiny_checkpoint, make_tiny_policy_checkpoint
-    from twinbrain_ros.model.twinbrain import EmbodimentSpec
     from twinbrain_ros.policy.runtime import PolicyRuntime
+    from twinbrain_ros.robot.embodiment import Embodiment, config_dir
     from twinbrain_ros.ros.conversions import rgb_to_image
     from twinbrain_ros.ros.policy_node import PolicyNode
 
@@ -66,9 +65,7 @@ def main(argv=None) -> int:
     params = params["policy_node"]["ros__parameters"]
     with tempfile.TemporaryDirectory() as tmp:
         backbone = make_tiny_checkpoint("qwen2_5_vl", Path(tmp) / "backbone")
-        spec = EmbodimentSpec(state_dim=embodiment.state_dim,
-                              action_dim=embodiment.action_dim,
-                              action_space=embodiment.action_space)
+        spec = embodiment.spec()
         checkpoint = make_tiny_policy_checkpoint(backbone, Path(tmp) / "ck",
                                                  embodiment.normalization_key, spec)
         runtime = PolicyRuntime(str(checkpoint), embodiment, device="cpu", seed=0)

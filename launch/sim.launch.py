@@ -6,16 +6,23 @@
     ros2 launch twinbrain_ros sim.launch.py --show-args
 
 The bridge publishes simulated time on /clock and the policy node uses it; the policy node's
-actuation is enabled (the simulated controllers are its only listeners). Episodes: the first
+actuation is enabled (the simulated controllers are its only listeners). The policy node is
+started by including `policy.launch.py`: its wiring exists once. Episodes: the first
 starts on launch, later ones on `/sim/reset` (see `twinbrain_ros.ros.sim_bridge`) or
 automatically with `auto_reset:=true`; `ros2 run twinbrain_ros evaluate --policy external`
 runs a success-rate evaluation against these nodes.
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
 from launch.conditions import UnlessCondition
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, TextSubstitution
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.substitutions import (
+    LaunchConfiguration,
+    PathJoinSubstitution,
+    TextSubstitution,
+    ThisLaunchFileDir,
+)
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
@@ -70,21 +77,17 @@ def generate_launch_description():
             "start_episode": _typed("start_episode", bool),
         }],
     )
-    policy = Node(
-        package=PACKAGE,
-        executable="policy_node",
-        name="policy_node",
-        output="screen",
-        emulate_tty=True,
+    policy = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(PathJoinSubstitution([ThisLaunchFileDir(),
+                                                            "policy.launch.py"])),
+        launch_arguments={
+            "embodiment": embodiment,
+            "checkpoint": LaunchConfiguration("checkpoint"),
+            "params_file": LaunchConfiguration("params_file"),
+            "device": LaunchConfiguration("device"),
+            "use_sim_time": "true",
+            "enable_actuation": "true",
+        }.items(),
         condition=UnlessCondition(LaunchConfiguration("expert")),
-        parameters=[
-            LaunchConfiguration("params_file"),
-            {
-                "checkpoint": _typed("checkpoint", str),
-                "device": _typed("device", str),
-                "use_sim_time": True,
-                "enable_actuation": True,
-            },
-        ],
     )
     return LaunchDescription([*declared, bridge, policy])

@@ -114,8 +114,7 @@ def save_policy_checkpoint(backbone_path: str, out, embodiment, nan_weights: boo
 
     from twinbrain_ros.model.tiny import make_tiny_policy_checkpoint
 
-    spec = EmbodimentSpec(state_dim=embodiment.state_dim, action_dim=embodiment.action_dim,
-                          action_space=embodiment.action_space)
+    spec = embodiment.spec()
     path = make_tiny_policy_checkpoint(backbone_path, out, embodiment.normalization_key, spec,
                                        seed=seed)
     if nan_weights:

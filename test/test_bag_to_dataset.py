@@ -29,7 +29,7 @@ from twinbrain_ros.data.rosbag import (  # noqa: E402
     convert_bags,
     image_key_for_topic,
 )
-from twinbrain_ros.embodiment import Embodiment  # noqa: E402
+from twinbrain_ros.robot.embodiment import Embodiment  # noqa: E402
 from twinbrain_ros.tools.bag_to_dataset import main  # noqa: E402
 
 TS = get_typestore(Stores.ROS2_JAZZY)
@@ -315,7 +315,7 @@ def test_unsupported_encoding_and_missing_instruction_fail_clearly(tmp_path, gr1
 
 def test_widowx_end_effector_deltas_from_forward_kinematics(tmp_path):
     pytest.importorskip("pinocchio")
-    from twinbrain_ros.kinematics import ArmKinematics, rpy_matrix
+    from twinbrain_ros.robot.kinematics import ArmKinematics, rpy_matrix
 
     widowx = Embodiment.load("widowx")
     bag = write_bag(tmp_path / "bag", "mcap", embodiment=widowx, duration_s=3.0,

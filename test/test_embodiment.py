@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from twinbrain_ros.embodiment import Embodiment, EmbodimentError, config_dir
+from twinbrain_ros.robot.embodiment import Embodiment, EmbodimentError, config_dir
 
 
 @pytest.mark.parametrize("name, action_space, joints", [("widowx", "ee_delta", 7),

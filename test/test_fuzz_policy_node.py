@@ -7,7 +7,7 @@ import pytest
 from conftest import save_policy_checkpoint
 
 from benchmarks.fuzz_policy_node import run_fuzz
-from twinbrain_ros.embodiment import Embodiment
+from twinbrain_ros.robot.embodiment import Embodiment
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("pinocchio", reason="Pinocchio is not installed (pip install pin==4.1.0)")
 
-from twinbrain_ros.kinematics import (  # noqa: E402
+from twinbrain_ros.robot.kinematics import (  # noqa: E402
     WIDOWX_ARM_JOINTS,
     ArmKinematics,
     rpy_matrix,

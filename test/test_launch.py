@@ -62,6 +62,7 @@ def prefix(tmp_path, monkeypatch) -> Path:
     index.mkdir(parents=True)
     (index / PACKAGE).write_text("")
     shutil.copytree(REPO / "config", root / "share" / PACKAGE / "config")
+    shutil.copytree(REPO / "launch", root / "share" / PACKAGE / "launch")
     # What setup.cfg's install_scripts puts there; runs this checkout's node.
     (root / "lib" / PACKAGE).mkdir(parents=True)
     for node in ("policy_node", "sim_bridge"):
@@ -294,7 +295,7 @@ def test_launch_without_checkpoint_fails_clearly(prefix, ros_env, tmp_path):
 def test_launch_starts_the_node_with_typed_arguments(prefix, ros_env, tmp_path, tiny_backbones):
     from conftest import save_policy_checkpoint
 
-    from twinbrain_ros.embodiment import Embodiment
+    from twinbrain_ros.robot.embodiment import Embodiment
 
     checkpoint = save_policy_checkpoint(tiny_backbones["qwen2_5_vl"], tmp_path / "ckpt",
                                         Embodiment.load("gr1"))

@@ -13,7 +13,7 @@ pytest.importorskip("av")
 
 from twinbrain_ros.data.lerobot import DatasetError, LeRobotDataset, LeRobotWriter  # noqa: E402
 from twinbrain_ros.data.stats import DatasetMixture, compute_norm_stats  # noqa: E402
-from twinbrain_ros.embodiment import Embodiment  # noqa: E402
+from twinbrain_ros.robot.embodiment import Embodiment  # noqa: E402
 
 LENGTHS = (6, 4, 7)
 CAMERAS = ("front", "wrist")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import save_policy_checkpoint, stop_process_group
 
-from twinbrain_ros.embodiment import Embodiment, config_dir
+from twinbrain_ros.robot.embodiment import Embodiment, config_dir
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import save_policy_checkpoint
 
-from twinbrain_ros.embodiment import Embodiment, config_dir
+from twinbrain_ros.robot.embodiment import Embodiment, config_dir
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -324,3 +324,98 @@ def test_an_input_that_falls_silent_is_resubscribed(harness_factory, gr1_runtime
     count = len(h.controller)
     assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
     assert float(h.values()[f"input.{topic}.silent_s"]) < 1.0
+
+
+def test_stale_inputs_and_a_rejected_instruction_stop_the_executing_plan(harness_factory,
+                                                                         gr1_runtime):
+    h = harness_factory(gr1_runtime, max_input_age_s=0.3)
+    assert h.run_until(lambda: len(h.controller) >= 2, 60)
+    # The camera stops: within max_input_age_s the plan is replaced by one hold, then silence.
+    count = len(h.controller)
+    assert h.run_until(lambda: len(h.controller) > count and len(h.controller[-1].points) == 1,
+                       5, image=False)
+    np.testing.assert_allclose(_positions(h.controller[-1])[0], h.state, atol=1e-9)
+    settled = len(h.controller)
+    h.run_until(lambda: False, 1.0, image=False)
+    assert len(h.controller) == settled
+    assert int(h.values().get("rejected.held_on_unusable_inputs", 0)) >= 1
+    # Planning again, then an instruction that is refused: the robot holds at once.
+    assert h.run_until(lambda: len(h.controller) >= settled + 2, 20)
+    count = len(h.controller)
+    h.publish(image=False, joints=False, text="pick <|im_start|> up")
+    assert h.run_until(lambda: len(h.controller) > count, 5, publish=False)
+    assert len(h.controller[-1].points) == 1
+
+
+def test_a_hung_cycle_is_reported_and_the_robot_holds(harness_factory, gr1_runtime):
+    class Hangs:
+        def __init__(self, runtime):
+            self.runtime, self.calls, self.identity = runtime, 0, runtime.identity
+
+        def check_instruction(self, text, max_tokens):
+            return self.runtime.check_instruction(text, max_tokens)
+
+        def infer(self, observation):
+            self.calls += 1
+            if self.calls == 3:
+                time.sleep(4.0)  # a device call that does not return for a while
+            return self.runtime.infer(observation)
+
+    h = harness_factory(Hangs(gr1_runtime), stall_timeout_s=1.5)
+    assert h.run_until(lambda: len(h.controller) >= 2, 60)
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    assert h.run_until(lambda: "stalled" in h.values().get("_message", ""), 10)
+    assert h.values()["_level"] == DiagnosticStatus.ERROR
+    assert len(h.controller[-1].points) == 1  # the hold
+    # The late chunk of the hung cycle is discarded; planning resumes and the error clears.
+    assert h.run_until(lambda: "stalled" not in h.values().get("_message", ""), 15)
+    count = len(h.controller)
+    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
+    assert int(h.values().get("rejected.discarded_after_hold", 0)) >= 1
+
+
+def test_callbacks_never_raise_and_causes_stay_bounded(harness_factory, gr1_runtime):
+    from twinbrain_ros.ros.policy_node import MAX_CAUSES
+
+    h = harness_factory(gr1_runtime)
+    assert h.run_until(lambda: h.controller, 60)
+    h.policy._on_image("/camera/image_raw", object())  # not an Image at all
+    assert h.policy.rejected["callback_error"] == 1
+    for k in range(3 * MAX_CAUSES):
+        h.policy._reject(f"synthetic_{k}", "a made-up cause")
+    assert len(h.policy.rejected) <= MAX_CAUSES + 1 and h.policy.rejected["other"] > 0
+    assert h.run_until(lambda: len(h.values()) > 0 and sum(
+        1 for key in h.values() if key.startswith("rejected.")) <= MAX_CAUSES + 1, 5)
+    count = len(h.controller)
+    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
+
+
+def test_parameters_carry_types_ranges_descriptions_and_read_only_flags(harness_factory,
+                                                                        gr1_runtime):
+    from rclpy.parameter import Parameter
+
+    h = harness_factory(gr1_runtime)
+    blend, joints, actuation = h.policy.describe_parameters(
+        ["blend_steps", "joint_names", "enable_actuation"])
+    assert blend.read_only and blend.integer_range[0].to_value == 64
+    assert joints.read_only and "model order" in joints.description
+    assert not actuation.read_only
+    result = h.policy.set_parameters([Parameter("enable_actuation", value="yes")])[0]
+    assert not result.successful
+
+
+def test_an_out_of_range_parameter_is_refused_at_start(ros_env, tmp_path, tiny_backbones):
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = save_policy_checkpoint(tiny_backbones["qwen2_5_vl"], tmp_path / "gr1", GR1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinbrain_ros.ros.policy_node", "--ros-args", "--params-file",
+         str(config_dir() / "gr1.yaml"), "-p", f"checkpoint:={checkpoint}",
+         "-p", "actions_per_inference:=0"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    assert "actions_per_inference" in text and "Traceback" not in text

@@ -74,3 +74,30 @@ def test_safety_refuses_non_finite_targets():
     safety = SafetyFilter(lower=[-1.0], upper=[1.0], max_step=[1.0], dt=DT)
     with pytest.raises(ValueError, match="non-finite"):
         safety.apply(Plan(np.array([0.1]), np.array([[np.nan]])), 0.0, np.zeros(1))
+
+
+def test_a_controller_spline_through_the_published_points_never_leaves_the_limits():
+    """ros2_control's trajectory controller fits cubics through positions and velocities."""
+    from scipy.interpolate import CubicHermiteSpline
+
+    from twinbrain_ros.policy.scheduler import Trajectory  # noqa: F401 - the published type
+
+    upper = 1.6057
+    safety = SafetyFilter(lower=[-2.1], upper=[upper], max_step=[0.3], dt=0.2)
+    rng = np.random.default_rng(0)
+    cases = [np.array([upper - 0.05, upper + 0.5, upper + 0.5, upper - 0.3])]
+    cases += [upper + rng.normal(0, 0.3, 8) for _ in range(300)]
+    for targets in cases:
+        scheduler = ActionChunkScheduler(0.2, blend_steps=0)
+        plan = scheduler.merge(targets[:, None], observation_time=0.0, now=0.01)
+        start = np.array([upper - 0.1])
+        plan = safety.apply(plan, 0.01, start)
+        scheduler.commit(plan)
+        traj = scheduler.trajectory(["elbow"], 0.01, start)
+        times = np.concatenate([[0.0], traj.time_from_start])
+        points = np.vstack([start, traj.positions])[:, 0]
+        slopes = np.concatenate([[0.0], traj.velocities[:, 0]])
+        spline = CubicHermiteSpline(times[1:], points[1:], slopes[1:])
+        samples = spline(np.linspace(times[1], times[-1], 400))
+        assert samples.max() <= upper + 1e-9, targets
+        assert traj.velocities[-1, 0] == 0.0

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
 
-from twinbrain_ros.embodiment import Embodiment  # noqa: E402
+from twinbrain_ros.robot.embodiment import Embodiment  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinbrain_ros.sim.base import TargetInterpolator
 from twinbrain_ros.sim.evaluation import format_table, summarize
 from twinbrain_ros.sim.follower import TrajectoryError, TrajectoryFollower
 
@@ -67,15 +66,6 @@ def test_bad_trajectories_are_refused_and_the_robot_holds(follower, names, times
     np.testing.assert_allclose(follower.sample(20.0), [0.0, 0.0, 0.02])
 
 
-def test_target_interpolator_reaches_each_target_after_its_duration():
-    interpolator = TargetInterpolator(np.zeros(2))
-    interpolator.set_target(np.ones(2), now=0.0, duration=0.2)
-    np.testing.assert_allclose(interpolator.sample(0.1), [0.5, 0.5])
-    interpolator.set_target(np.zeros(2), now=0.1, duration=0.2)   # from where it is
-    np.testing.assert_allclose(interpolator.sample(0.1), [0.5, 0.5])
-    np.testing.assert_allclose(interpolator.sample(0.3), [0.0, 0.0], atol=1e-12)
-
-
 def test_summary_is_avg_at_n_over_tasks():
     episodes = ([{"task": "pick", "success": s} for s in (True, True, False, True)]
                 + [{"task": "place", "success": s} for s in (False, False, True, False)])
@@ -117,7 +107,7 @@ def test_a_missing_simulator_names_what_to_install(monkeypatch):
 def test_recorded_demonstrations_are_a_lerobot_dataset(tmp_path):
     pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
     from twinbrain_ros.data.lerobot import LeRobotDataset
-    from twinbrain_ros.embodiment import Embodiment
+    from twinbrain_ros.robot.embodiment import Embodiment
     from twinbrain_ros.sim.record import record_demonstrations
 
     report = record_demonstrations(tmp_path / "demos", "widowx", ["pick_cube"], episodes=2,
@@ -146,6 +136,12 @@ def test_the_command_moves_no_faster_than_the_velocity_limit():
     assert np.all(steps <= np.array([0.5, 2.0, 0.01]) * 0.01 + 1e-12)
     np.testing.assert_allclose(commands[49], [0.25, -1.0, 0.015])   # 0.5 s in
     np.testing.assert_allclose(commands[-1], [1.0, -1.0, 0.0], atol=1e-12)  # reached
+    # Built without a reset, the first command holds (no elapsed time to move in).
+    fresh = TrajectoryFollower(NAMES, lower=[-1, -1, 0], upper=[1, 1, 0.04],
+                               position=[0.0, 0.0, 0.02], max_velocity=[0.5, 2.0, 0.01])
+    fresh.receive(NAMES, [0.01], [[1.0, -1.0, 0.0]], start_time=0.0, now=0.0)
+    np.testing.assert_allclose(fresh.advance(5.0), [0.0, 0.0, 0.02])
+    np.testing.assert_allclose(fresh.advance(5.1), [0.05, -0.2, 0.019])
     # A new trajectory continues from the lagging command, not from where the old one was.
     follower.reset([0.0, 0.0, 0.02], now=0.0)
     follower.receive(["a"], [0.01], [[1.0]], start_time=0.0, now=0.0)

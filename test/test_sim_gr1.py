@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("robosuite", reason="the gr1_robosuite backend needs robosuite "
                                         "(pip install --no-deps robosuite==1.5.2)")
 
-from twinbrain_ros.embodiment import Embodiment  # noqa: E402
+from twinbrain_ros.robot.embodiment import Embodiment  # noqa: E402
 from twinbrain_ros.sim.base import SimError, make_backend  # noqa: E402
 from twinbrain_ros.sim.rollout import run_episode, substeps_per_control  # noqa: E402
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from twinbrain_ros.embodiment import Embodiment
 from twinbrain_ros.model.backbone import load_vlm
+from twinbrain_ros.robot.embodiment import Embodiment
 from twinbrain_ros.train import TrainConfig, checkpoint_dirs, load_config, train
 
 pytestmark = pytest.mark.slow
@@ -262,3 +263,15 @@ def test_config_values_are_converted_to_the_field_types_or_refused_by_name():
                      ("datasets=[{path: /d}]", "datasets")]:
         with pytest.raises(ValueError, match=key):
             load_config(None, [bad])
+
+
+def test_config_train_yaml_documents_every_key_and_loads():
+    from dataclasses import fields
+
+    from twinbrain_ros.robot.embodiment import config_dir
+
+    path = config_dir() / "train.yaml"
+    document = yaml.safe_load(path.read_text())
+    assert set(document) == {f.name for f in fields(TrainConfig)}
+    config = load_config(str(path), ["backbone_path=/ckpt"])
+    assert config == TrainConfig(backbone_path="/ckpt")

@@ -120,7 +120,8 @@ def wrong_object_rate(episodes: list[dict]) -> float:
 def run_demo(cfg: DemoConfig, out: Path) -> dict:
     """Run the four stages; returns the summary that is also written to summary.json."""
     from .model.tiny import make_tiny_checkpoint
-    from .ros.evaluate import build_parser, evaluate
+    from .ros.evaluate import evaluate
+    from .sim.evaluation import EvaluationConfig
     from .sim.record import record_demonstrations
     from .train import TrainConfig, train
 
@@ -167,14 +168,12 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     for label, checkpoint, videos in (("trained", trained, cfg.videos),
                                       ("untrained", untrained, 0)):
         print(f"  {label}: {checkpoint}", flush=True)
-        args = build_parser().parse_args([
-            "--embodiment", EMBODIMENT, "--tasks", TASK, "--episodes", str(cfg.eval_episodes),
-            "--seed", str(cfg.eval_seed), "--checkpoint", str(checkpoint), "--device", "cpu",
-            "--image-size", str(cfg.image_size), "--out", str(out / f"eval_{label}"),
-            "--video", str(videos), "--real-time-factor", str(cfg.real_time_factor)])
-        summaries[label] = evaluate(args)
-        results = json.loads((out / f"eval_{label}" / "results.json").read_text())
-        episodes[label] = results["episodes"]
+        result = evaluate(EvaluationConfig(
+            embodiment=EMBODIMENT, tasks=[TASK], episodes=cfg.eval_episodes,
+            seed=cfg.eval_seed, checkpoint=str(checkpoint), device="cpu",
+            image_size=cfg.image_size, out=str(out / f"eval_{label}"), video=videos,
+            real_time_factor=cfg.real_time_factor))
+        summaries[label], episodes[label] = result.summary, result.episodes
     times["3 evaluation"] = time.monotonic() - start
 
     _stage(4, total, "summary")

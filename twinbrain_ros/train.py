@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import yaml
 
-from .embodiment import Embodiment
 from .model.action_expert import ActionExpertConfig
-from .model.checkpoint import load_trainable_weights, save_checkpoint, verify_weights
-from .model.twinbrain import EmbodimentSpec, TwinBrainConfig, TwinBrainVLA
+from .model.checkpoint import load_trainable_weights, save_checkpoint
+from .model.twinbrain import TwinBrainConfig, TwinBrainVLA
+from .robot.embodiment import Embodiment
 
 STRATEGIES = ("ddp", "fsdp")
 TRAINING_STATE = "training_state.pt"
@@ -171,7 +171,14 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     """
     data: dict = {}
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ValueError(f"cannot read the training config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of training config keys")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -291,7 +298,7 @@ def build_data(config: TrainConfig):
     if not config.datasets:
         raise ValueError("no datasets: set datasets=[{path: ..., embodiment: widowx}]")
     datasets = [LeRobotDataset(entry.path, horizon=config.horizon,
-                               embodiment=Embodiment.load(entry.embodiment))
+                               embodiment=Embodiment.resolve(entry.embodiment))
                 for entry in config.datasets]
     mixture = DatasetMixture(datasets, weights=[e.weight for e in config.datasets],
                              seed=config.seed)
@@ -306,9 +313,11 @@ def build_model(config: TrainConfig, datasets, norm_stats) -> TwinBrainVLA:
     embodiments = {}
     for dataset in datasets:
         emb = dataset.embodiment
-        embodiments[emb.normalization_key] = EmbodimentSpec(
-            state_dim=emb.state_dim, action_dim=emb.action_dim,
-            action_space=emb.action_space, state_space=emb.state_space)
+        spec = emb.spec(num_cameras=len(dataset.image_keys))
+        known = embodiments.get(emb.normalization_key)
+        if known is not None and known.num_cameras != spec.num_cameras:
+            spec.num_cameras = 0  # datasets of this robot differ: the count is not a contract
+        embodiments[emb.normalization_key] = spec
     expert = ActionExpertConfig(**{"action_dim": config.max_action_dim,
                                    "horizon": config.horizon, **config.action_expert})
     model_config = TwinBrainConfig(
@@ -389,19 +398,44 @@ def newest_valid_checkpoint(model, output_dir: str | Path, log=print
     """
     for directory in reversed(checkpoint_dirs(output_dir)):
         try:
-            verify_weights(directory)
-            state = torch.load(directory / TRAINING_STATE, weights_only=False,
-                               map_location="cpu")
-            if not isinstance(state, dict) or not {"step", "optimizer", "scheduler",
-                                                   "losses"} <= set(state):
-                raise ValueError(f"{directory / TRAINING_STATE} lacks the training state keys")
-            load_trainable_weights(model, directory)
+            state = _load_training_state(directory)
+            load_trainable_weights(model, directory)  # checks the checksum first
         except Exception as error:  # noqa: BLE001 - any unreadable file: try the previous one
             log(f"warning: checkpoint {directory} is unusable ({type(error).__name__}: "
                 f"{str(error)[:300]}); falling back to the previous one")
             continue
         return directory, state
     return None
+
+
+def _load_training_state(directory: Path) -> dict:
+    state = torch.load(directory / TRAINING_STATE, weights_only=False, map_location="cpu")
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler",
+                                           "losses"} <= set(state):
+        raise ValueError(f"{directory / TRAINING_STATE} lacks the training state keys")
+    return state
+
+
+def resume_checkpoint(model, config: TrainConfig, dist: Dist) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, chosen by the main process for all of them.
+
+    Every process must resume from the same step: the main process picks the newest valid
+    checkpoint (see `newest_valid_checkpoint`) and the others load that one.
+    """
+    choice = None
+    if dist.main:
+        choice = newest_valid_checkpoint(model, config.output_dir,
+                                         log=lambda text: print(text, flush=True))
+    if dist.world == 1:
+        return choice
+    box = [None if choice is None else str(choice[0])]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if dist.main or box[0] is None:
+        return choice
+    directory = Path(box[0])
+    state = _load_training_state(directory)
+    load_trainable_weights(model, directory)
+    return directory, state
 
 
 def save_training_checkpoint(model, optimizer, scheduler, step: int, config: TrainConfig,
@@ -462,9 +496,7 @@ def train(config: TrainConfig) -> Path | None:
     barrier(dist)
     resumed = None
     if config.resume:
-        resumed = newest_valid_checkpoint(
-            model, config.output_dir, log=(lambda text: print(text, flush=True)) if dist.main
-            else (lambda text: None))
+        resumed = resume_checkpoint(model, config, dist)
         if resumed is None and dist.main:
             print(f"no usable checkpoint in {config.output_dir}/checkpoints: starting at step 0",
                   flush=True)

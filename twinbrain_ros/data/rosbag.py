@@ -42,14 +42,10 @@ Alignment rules:
       dropped too. Every gap is reported per stream with its time span (`BagReport`).
     * `next-state` actions: the action at step k is the state at step k + 1, so the last step
       before an episode end or a gap has no action and is dropped.
-    * `ee_delta` embodiments (WidowX Bridge): the action is the end-effector motion from the
-      state at step k to the target joints (next state, or the commanded joints), computed by
-      forward kinematics `fk(q)` (4x4, base -> end effector) of
-      `twinbrain_ros.kinematics.ArmKinematics.widowx()`: translation `p1 - p0` in the
-      base frame, rotation as roll/pitch/yaw of `R1 @ R0.T` (the convention of
-      `ArmKinematics.ee_deltas_to_joint_targets`: `R_delta = Rz(yaw) Ry(pitch) Rx(roll)`), and
-      a binary gripper from the target gripper joint: 1 (open) if it is past the midpoint of
-      `gripper_open_position` and `gripper_closed_position` towards open, else 0.
+    * actions are encoded by the embodiment's action space (`twinbrain_ros.robot.action_spaces`)
+      from the state at step k and its target joints (next state, or the commanded joints):
+      the targets themselves in joint space, or for `ee_delta` embodiments (WidowX Bridge) the
+      end-effector motion between their forward kinematics and a binary gripper.
 
 Memory: a first pass reads every message but keeps only times, joint values and strings; the
 images of one episode are decoded in a second, time-ranged pass when that episode is written.
@@ -65,7 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embodiment import Embodiment
+from ..robot.action_spaces import action_space_for
+from ..robot.embodiment import Embodiment
 from .images import RAW_ENCODINGS, SUPPORTED_ENCODINGS, ImageFormatError, raw_to_rgb
 
 IMAGE = "sensor_msgs/msg/Image"
@@ -378,7 +375,7 @@ class BagConverter:
             embodiment: the robot description.
             options: conversion options (defaults: `ConversionOptions()`).
             kinematics: for `ee_delta` embodiments, an object with `joint_names` and `fk(q)`
-                (default: `ArmKinematics.widowx()`).
+                (default: the model the embodiment's `kinematics` field names).
 
         Raises:
             BagError: inconsistent options, or ee_delta without kinematics.
@@ -428,28 +425,16 @@ class BagConverter:
         if repeated:
             raise BagError(f"topics {repeated} are given more than one role (cameras, joint "
                            "states, commands, instructions, episode markers)")
-        self.kinematics = None
+        self.action_space = action_space_for(embodiment, kinematics)
         if embodiment.action_space == "ee_delta":
-            self._setup_ee_delta(kinematics)
-
-    def _setup_ee_delta(self, kinematics) -> None:
-        emb = self.embodiment
-        if not emb.gripper_joint:
-            raise BagError(f"{emb.name}: ee_delta actions need a gripper_joint")
-        if kinematics is None:
             try:
-                from ..kinematics import ArmKinematics
-
-                kinematics = ArmKinematics.widowx()
+                self.action_space.arm  # noqa: B018 - builds the kinematics now, not mid-bag
             except ImportError as exc:
-                raise BagError(f"{emb.name} has end-effector delta actions: converting joint "
-                               f"recordings needs the arm's forward kinematics ({exc})") from exc
-        missing = [n for n in kinematics.joint_names if n not in emb.joint_names]
-        if missing:
-            raise BagError(f"kinematics joints {missing} are not in {emb.name}'s joint_names")
-        self.kinematics = kinematics
-        self._arm = [emb.joint_names.index(n) for n in kinematics.joint_names]
-        self._gripper = emb.joint_names.index(emb.gripper_joint)
+                raise BagError(f"{embodiment.name} has end-effector delta actions: converting "
+                               f"joint recordings needs the arm's forward kinematics ({exc})"
+                               ) from exc
+            except ValueError as exc:
+                raise BagError(str(exc)) from exc
 
     # ---- first pass -------------------------------------------------------------------------
 
@@ -692,20 +677,9 @@ class BagConverter:
         return runs
 
     def _actions(self, state: np.ndarray, target: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Action per step from the state and the target joints (joint space or EE deltas)."""
-        if self.embodiment.action_space == "joint_position":
-            return target.copy()
-        action = np.zeros((len(state), 7))
-        emb, arm = self.embodiment, self._arm
-        for k in np.flatnonzero(valid):
-            pose0 = np.asarray(self.kinematics.fk(state[k, arm]))
-            pose1 = np.asarray(self.kinematics.fk(target[k, arm]))
-            action[k, :3] = pose1[:3, 3] - pose0[:3, 3]
-            action[k, 3:6] = rotation_to_rpy(pose1[:3, :3] @ pose0[:3, :3].T)
-        middle = 0.5 * (emb.gripper_open_position + emb.gripper_closed_position)
-        towards_open = np.sign(emb.gripper_open_position - emb.gripper_closed_position)
-        action[:, 6] = ((target[:, self._gripper] - middle) * towards_open > 0).astype(float)
-        return action
+        """Action per step from the state and the target joints (the embodiment's space)."""
+        state = np.where(valid[:, None], state, np.nan)
+        return np.nan_to_num(self.action_space.encode(state, target), nan=0.0)
 
     # ---- second pass ------------------------------------------------------------------------
 
@@ -819,14 +793,6 @@ def check_mcap(path: Path) -> str:
         return (f"{path.name} carries no CRCs (written without them): damage to it cannot be "
                 "detected")
     return ""
-
-
-def rotation_to_rpy(rotation: np.ndarray) -> np.ndarray:
-    """Roll, pitch, yaw of `R = Rz(yaw) @ Ry(pitch) @ Rx(roll)` (inverse of `rpy_matrix`)."""
-    r = np.asarray(rotation, dtype=np.float64)
-    return np.array([np.arctan2(r[2, 1], r[2, 2]),
-                     np.arctan2(-r[2, 0], np.hypot(r[0, 0], r[1, 0])),
-                     np.arctan2(r[1, 0], r[0, 0])])
 
 
 def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -185,9 +185,10 @@ def load_trainable_weights(model: TwinBrainVLA, directory: str | Path) -> None:
     """Load a checkpoint's weights into an already-built model of the same configuration."""
     directory = Path(directory)
     verify_weights(directory)
+    norm_stats = read_norm_stats(directory)  # every file checked before the model changes
     weights = _read_weights(directory / WEIGHTS_FILE, trainable_state_dict(model))
     model.load_state_dict(weights, strict=False)
-    model.norm_stats = read_norm_stats(directory)
+    model.norm_stats = norm_stats
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",

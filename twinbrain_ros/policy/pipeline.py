@@ -6,15 +6,15 @@ directly.
 
 from __future__ import annotations
 
-__all__ = ["ActionConverter", "ChunkRejected", "CycleResult", "PolicyPipeline"]
+__all__ = ["ChunkRejected", "CycleResult", "PolicyPipeline"]
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..actions import ActionConverter, ChunkRejected
-from ..embodiment import Embodiment
+from ..robot.action_spaces import ChunkRejected
+from ..robot.embodiment import Embodiment
 from .runtime import ActionChunk, Observation
 from .safety import SafetyFilter, hold_trajectory
 from .scheduler import ActionChunkScheduler, Trajectory
@@ -33,11 +33,18 @@ class PolicyPipeline:
     """Runs the model on snapshots and keeps the executing plan smooth and safe."""
 
     def __init__(self, runtime, embodiment: Embodiment, blend_steps: int = 3,
-                 converter: ActionConverter | None = None):
-        """`runtime`: anything with `infer(Observation) -> ActionChunk` (a `PolicyRuntime`)."""
+                 actions=None):
+        """Schedule and check the chunks `runtime` infers.
+
+        Args:
+            runtime: anything with `infer(Observation) -> ActionChunk` (a `PolicyRuntime`).
+            embodiment: the robot.
+            blend_steps: points of a new chunk cross-faded with the executing plan.
+            actions: the action space decoding chunks (default: the embodiment's own).
+        """
         self.runtime = runtime
         self.embodiment = embodiment
-        self.converter = converter or ActionConverter(embodiment)
+        self.actions = actions or embodiment.actions
         self.scheduler = ActionChunkScheduler(embodiment.dt, blend_steps)
         self.safety = SafetyFilter(embodiment.lower, embodiment.upper, embodiment.max_step,
                                    embodiment.dt)
@@ -75,8 +82,18 @@ class PolicyPipeline:
              clock: Callable[[], float],
              measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
         """Turn a chunk into the executing plan and the trajectory to publish (see `cycle`)."""
+        targets = self.decode(chunk, observation)
+        return self.schedule(chunk, targets, observation, observation_time, clock, measured)
+
+    def decode(self, chunk: ActionChunk, observation: Observation) -> np.ndarray:
+        """The chunk's joint targets (inverse kinematics for end-effector actions)."""
+        return self.actions.decode(chunk.actions, observation.state)
+
+    def schedule(self, chunk: ActionChunk, targets: np.ndarray, observation: Observation,
+                 observation_time: float, clock: Callable[[], float],
+                 measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
+        """Merge decoded targets into the executing plan, check them, make the trajectory."""
         names = self.embodiment.joint_names
-        targets = self.converter(chunk.actions, observation.state)
         now = clock()
         plan = self.scheduler.merge(targets, observation_time, now)
         if plan is None:

@@ -6,22 +6,17 @@ The same object serves the ROS policy node, evaluation loops and tests.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..embodiment import Embodiment
 from ..model.checkpoint import load_checkpoint
+from ..robot.embodiment import Embodiment
+from ..robot.observation import Observation
 
-
-@dataclass
-class Observation:
-    """One synchronised observation of the robot."""
-
-    images: list[np.ndarray]   # HxWx3 uint8 RGB, one per camera
-    state: np.ndarray          # raw proprioceptive state (state_dim,)
-    instruction: str
+__all__ = ["ActionChunk", "Observation", "PolicyRuntime", "check_compatible", "resolve_device"]
 
 
 @dataclass
@@ -80,8 +75,13 @@ class PolicyRuntime:
         return ActionChunk(actions=actions, latency_s=time.perf_counter() - start)
 
 
-def check_compatible(specs: dict, embodiment: Embodiment, checkpoint: str):
-    """The checkpoint's spec for the embodiment, or a ValueError saying what differs."""
+def check_compatible(specs: dict, embodiment: Embodiment, checkpoint: str, warn=None):
+    """The checkpoint's spec for the embodiment, or a ValueError saying what differs.
+
+    Sizes and spaces must match; so must the joint names and their order, the action names and
+    the number of cameras where the checkpoint recorded them. A checkpoint that predates those
+    records loads with a warning (`warn(text)`, default `warnings.warn`).
+    """
     key = embodiment.normalization_key
     if key not in specs:
         raise ValueError(f"checkpoint {checkpoint} has no embodiment {key!r} (the "
@@ -90,8 +90,21 @@ def check_compatible(specs: dict, embodiment: Embodiment, checkpoint: str):
     wanted = {"action_space": embodiment.action_space, "state_space": embodiment.state_space,
               "action_dim": embodiment.action_dim, "state_dim": embodiment.state_dim}
     found = {name: getattr(spec, name) for name in wanted}
+    recorded = {"joint_names": (list(spec.joint_names), list(embodiment.joint_names)),
+                "action_names": (list(spec.action_names), embodiment.action_names),
+                "num_cameras": (spec.num_cameras, len(embodiment.image_topics))}
+    for name, (theirs, ours) in recorded.items():
+        if theirs:
+            found[name], wanted[name] = theirs, ours
     if found != wanted:
         diff = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
         raise ValueError(f"checkpoint {checkpoint} does not fit embodiment {embodiment.name}: "
                          f"(checkpoint, embodiment) differ in {diff}")
+    if not spec.joint_names:
+        text = (f"checkpoint {checkpoint} records no joint names for {key!r} (written by an "
+                f"older version): the order of {embodiment.name}'s joints is not checked")
+        if warn is None:
+            warnings.warn(text, stacklevel=2)
+        else:
+            warn(text)
     return spec

@@ -33,10 +33,40 @@ class Plan:
         return (1 - w) * self.positions[k - 1] + w * self.positions[k]
 
     def velocities(self, start_time: float, start_position: np.ndarray) -> np.ndarray:
-        """Velocities at the plan's points: central differences, anchored at the start."""
+        """Velocities at the plan's points, anchored at the start; zero at the last point.
+
+        Central differences, limited so that the cubic a trajectory controller fits through
+        positions and velocities (ros2_control's does) stays monotone between two points
+        (Fritsch-Carlson): zero where the motion turns or pauses, scaled down where a slope
+        would swing the cubic past the next point. So a trajectory whose points respect the
+        joint limits never passes them between points either. The plan ends at rest.
+        """
         times = np.concatenate([[start_time], self.times])
-        points = np.vstack([start_position[None], self.positions])
-        return np.gradient(points, times, axis=0)[1:]
+        points = np.vstack([np.asarray(start_position, float)[None], self.positions])
+        if len(times) < 2 or np.any(np.diff(times) <= 0):
+            return np.zeros_like(self.positions)
+        return monotone_slopes(times, points)[1:]
+
+
+def monotone_slopes(times: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(K, n) slopes at (K,) strictly increasing times for a monotone cubic Hermite, 0 at end."""
+    secants = np.diff(points, axis=0) / np.diff(times)[:, None]
+    slopes = np.gradient(points, times, axis=0)
+    slopes[-1] = 0.0
+    # Turning points and pauses: a zero slope (also at the start when it points the other way).
+    turns = secants[:-1] * secants[1:] <= 0
+    slopes[1:-1][turns] = 0.0
+    slopes[0][slopes[0] * secants[0] <= 0] = 0.0
+    for k in range(len(secants)):
+        flat = secants[k] == 0
+        slopes[k][flat], slopes[k + 1][flat] = 0.0, 0.0
+        safe = np.where(flat, 1.0, secants[k])
+        alpha, beta = slopes[k] / safe, slopes[k + 1] / safe
+        radius = np.hypot(alpha, beta)
+        scale = np.where(radius > 3.0, 3.0 / np.maximum(radius, 1e-12), 1.0)
+        slopes[k] = np.where(flat, 0.0, scale * alpha * safe)
+        slopes[k + 1] = np.where(flat, 0.0, scale * beta * safe)
+    return slopes
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""ROS message <-> NumPy conversion without cv_bridge, and the node runner."""
+"""ROS message <-> NumPy conversion without cv_bridge."""
 
 from __future__ import annotations
 
 import collections
-import signal
 
 import numpy as np
 from builtin_interfaces.msg import Duration
@@ -128,69 +127,3 @@ def controller_trajectories(embodiment, positions: np.ndarray, time_from_start,
                                stamp)
 
     return [(embodiment.trajectory_topic, part(arm)), (embodiment.gripper_topic, part([g]))]
-
-
-def run_node(factory, name: str, args: list[str] | None = None,
-             expected_errors: tuple = (ValueError,)) -> int:
-    """Spin the node `factory()` builds until Ctrl-C; returns a process exit code.
-
-    An expected error while building or spinning (bad parameters, a missing simulator) is
-    printed as `name: message` with exit code 1 instead of a traceback. Ctrl-C and SIGTERM end
-    the node cleanly with exit code 0. Under `ros2 launch` a terminal's Ctrl-C reaches the node
-    twice (the terminal's and the one launch forwards): once shutdown has begun, further
-    SIGINT/SIGTERM are ignored, so the worker threads are joined and nothing is interrupted.
-    """
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
-
-    # rclpy's own handler (installed by init) shuts the context down and then chains to the
-    # Python handler that was in place: SIGTERM then ends the spin like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = factory()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except expected_errors as error:
-        print(f"{name}: {error}", flush=True)
-        code = 1
-    finally:
-        _ignore_further_signals()
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return code
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _ignore_further_signals() -> None:
-    """Ignore SIGINT/SIGTERM from here on (a pending one is dropped with its handler)."""
-    for _ in range(3):
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            return
-        except KeyboardInterrupt:  # a second Ctrl-C landed before the handlers changed
-            continue
-
-
-def declare_parameters(node, table: dict, read_only: set[str] | frozenset = frozenset()
-                       ) -> dict:
-    """Declare `{name: (default, description)}` on `node`; returns {name: value}.
-
-    Parameters named in `read_only` refuse changes at run time (`ros2 param set`).
-    """
-    from rcl_interfaces.msg import ParameterDescriptor
-
-    values = {}
-    for name, (default, description) in table.items():
-        node.declare_parameter(name, default, ParameterDescriptor(
-            description=description, read_only=name in read_only))
-        values[name] = node.get_parameter(name).value
-    return values

@@ -5,6 +5,7 @@
     ros2 run twinbrain_ros evaluate --embodiment widowx --policy expert --episodes 20
     ros2 run twinbrain_ros evaluate --policy external ...   (bridge + policy already running,
                                                              e.g. from sim.launch.py)
+    ros2 run twinbrain_ros evaluate --transport inprocess --checkpoint DIR ...   (no ROS)
 
 For each task, episode k uses seed `seed + k`, so two policies evaluated with the same
 arguments meet the same scenes. The evaluator asks the sim bridge for each episode on
@@ -13,8 +14,11 @@ joint-state, instruction and trajectory topics a real robot has.
 
 `--policy checkpoint` (the default with `--checkpoint`) starts the sim bridge and the policy
 node (actuation enabled, simulated time), `--policy expert` starts the bridge with its scripted
-expert, `--policy external` uses nodes that are already running. Results: `results.json` (per
-episode and summary), a printed table, optionally `success.png` and the first episodes as mp4.
+expert, `--policy external` uses nodes that are already running. `--transport inprocess` runs
+the same policy pipeline and trajectory follower in this process instead (no ROS; the
+simulation waits for the model). Results: `results.json` (per episode and summary), a printed
+table, optionally `success.png` and the first episodes as mp4. From Python:
+`evaluate(EvaluationConfig(...))` returns the summary and the episodes.
 """
 
 from __future__ import annotations
@@ -26,10 +30,18 @@ import threading
 import time
 from pathlib import Path
 
-from ..embodiment import Embodiment, config_dir
-from ..sim.evaluation import format_table, plot_success, save_results, write_video
-
-POLICIES = ("checkpoint", "expert", "external")
+from ..robot.embodiment import Embodiment, description_file
+from ..sim.evaluation import (
+    POLICIES,
+    TRANSPORTS,
+    EvaluationConfig,
+    EvaluationResult,
+    format_table,
+    plot_success,
+    run_inprocess,
+    save_results,
+    write_video,
+)
 
 
 class EpisodeTimeout(RuntimeError):
@@ -139,9 +151,9 @@ class Evaluator:
                                          f"{timeout_s:.0f} s")
                 self._cond.wait(min(remaining, 0.5))
         frames, self._recording = self._recording or [], None
-        result = {key: result[key] for key in ("task", "seed", "instruction", "success",
-                                               "steps", "trajectories", "sim_time", "info",
-                                               "outcome", "error")}
+        result = {key: result.get(key) for key in ("task", "seed", "instruction", "success",
+                                                   "steps", "trajectories", "sim_time", "info",
+                                                   "outcome", "final_state", "error")}
         result["wall_time_s"] = round(time.monotonic() - started, 3)
         return result, frames
 
@@ -151,67 +163,108 @@ class Evaluator:
         self.node.destroy_node()
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run the evaluation described by the parsed command line; returns the summary."""
+def node_defaults(embodiment: str) -> dict:
+    """The policy node's parameters in an embodiment's YAML (scheduling defaults)."""
+    import yaml
+
+    path = description_file(embodiment)
+    if not path.is_file():
+        return {}
+    document = yaml.safe_load(path.read_text()) or {}
+    return dict(document.get("policy_node", {}).get("ros__parameters", {}))
+
+
+def evaluate(config: EvaluationConfig) -> EvaluationResult:
+    """Run an evaluation; prints a line per episode and the table, writes `results.json`."""
+    embodiment = Embodiment.resolve(config.embodiment)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.transport == "inprocess":
+        episodes, videos = _evaluate_inprocess(config, embodiment)
+    else:
+        episodes, videos = _evaluate_ros(config, embodiment, out)
+    camera_rate = config.camera_rate_hz or embodiment.control_rate_hz
+    for name, frames in videos.items():
+        if frames:
+            write_video(frames, out / "videos" / f"{name}.mp4", camera_rate)
+    summary = save_results(out / "results.json", episodes, config.to_dict())
+    print(format_table(summary, title=f"\n{embodiment.name}, policy: {config.policy} "
+                                      f"({config.transport})"))
+    if config.plot:
+        plot_success({config.policy: summary}, out / "success.png")
+    return EvaluationResult(summary=summary, episodes=episodes)
+
+
+def _evaluate_inprocess(config: EvaluationConfig, embodiment: Embodiment):
+    """The policy node's pipeline and the bridge's follower, without ROS in between."""
+    pipeline, period = None, 1
+    if config.policy == "checkpoint":
+        from ..policy.pipeline import PolicyPipeline
+        from ..policy.runtime import PolicyRuntime
+
+        defaults = node_defaults(config.embodiment)
+        runtime = PolicyRuntime(str(Path(config.checkpoint).resolve()), embodiment,
+                                device=config.device,
+                                seed=None if config.policy_seed < 0 else config.policy_seed)
+        pipeline = PolicyPipeline(runtime, embodiment,
+                                  blend_steps=int(defaults.get("blend_steps", 2)))
+        period = config.actions_per_inference or int(defaults.get("actions_per_inference", 4))
+    return run_inprocess(config, embodiment, pipeline=pipeline, actions_per_inference=period,
+                         progress=lambda line: print(line, flush=True))
+
+
+def _evaluate_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path):
+    """Sim bridge and policy node as processes, talking over the robot's topics."""
     import rclpy
 
     from .processes import ros_environment, start_node, stop_node
 
-    embodiment = Embodiment.load(args.embodiment)
-    policy = args.policy or ("checkpoint" if args.checkpoint else "external")
-    if policy == "checkpoint" and not args.checkpoint:
-        raise ValueError("--policy checkpoint needs --checkpoint DIR")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = list(args.tasks)
+    tasks = config.tasks
     processes = []
     log_dir = out / "logs"
     env = ros_environment(Path(tempfile.mkdtemp(prefix="twinbrain_eval_ros_")))
-    if policy != "external":
-        bridge_params = {"embodiment": args.embodiment, "backend": args.backend,
+    if config.policy != "external":
+        bridge_params = {"embodiment": config.embodiment, "backend": config.backend,
                          "task": tasks[0], "start_episode": False,
-                         "expert": policy == "expert", "image_width": args.image_size,
-                         "image_height": args.image_size,
-                         "real_time_factor": args.real_time_factor,
-                         "camera_rate_hz": args.camera_rate_hz}
+                         "expert": config.policy == "expert",
+                         "image_width": config.image_size, "image_height": config.image_size,
+                         "real_time_factor": config.real_time_factor,
+                         "camera_rate_hz": config.camera_rate_hz}
         processes.append(("sim_bridge", start_node("sim_bridge", env, bridge_params,
                                                    log_path=log_dir / "sim_bridge.log")))
-    if policy == "checkpoint":
-        node_params = {"checkpoint": str(Path(args.checkpoint).resolve()),
-                       "device": args.device, "enable_actuation": True, "use_sim_time": True,
-                       "seed": args.policy_seed}
-        if args.actions_per_inference > 0:
-            node_params["actions_per_inference"] = args.actions_per_inference
+    if config.policy == "checkpoint":
+        node_params = {"checkpoint": str(Path(config.checkpoint).resolve()),
+                       "device": config.device, "enable_actuation": True,
+                       "use_sim_time": True, "seed": config.policy_seed}
+        if config.actions_per_inference > 0:
+            node_params["actions_per_inference"] = config.actions_per_inference
         processes.append(("policy_node", start_node(
             "policy_node", env, node_params,
-            params_file=config_dir() / f"{embodiment.name}.yaml",
+            params_file=description_file(config.embodiment),
             log_path=log_dir / "policy_node.log")))
     rclpy.init()
     evaluator = None
     episodes: list[dict] = []
+    videos: dict[str, list] = {}
     try:
-        evaluator = Evaluator(embodiment, video_episodes=args.video)
-        evaluator.wait_for_bridge(args.startup_timeout_s, need_policy=policy != "expert",
-                                  processes=processes)
-        videos = 0
+        evaluator = Evaluator(embodiment, video_episodes=config.video)
+        evaluator.wait_for_bridge(config.startup_timeout_s,
+                                  need_policy=config.policy != "expert", processes=processes)
         for task in tasks:
-            for k in range(args.episodes):
-                seed = args.seed + k
-                record = videos < args.video
-                result, frames = evaluator.run_episode(task, seed, args.episode_timeout_s,
+            for k in range(config.episodes):
+                seed = config.seed + k
+                record = len(videos) < config.video
+                result, frames = evaluator.run_episode(task, seed, config.episode_timeout_s,
                                                        record, processes)
-                result["policy"] = policy
+                result["policy"] = config.policy
                 episodes.append(result)
                 status = "success" if result["success"] else "failure"
                 if result["error"]:
                     status += f" (simulation error: {result['error']})"
                 print(f"  {result['task']} seed {seed}: {status} after {result['steps']} steps "
                       f"({result['wall_time_s']:.1f} s)  {result['instruction']!r}", flush=True)
-                if record and frames:
-                    camera_rate = args.camera_rate_hz or embodiment.control_rate_hz
-                    write_video(frames, out / "videos" / f"{result['task']}_seed{seed}.mp4",
-                                camera_rate)
-                    videos += 1
+                if record:
+                    videos[f"{result['task']}_seed{seed}"] = frames
     finally:
         if evaluator is not None:
             evaluator.close()
@@ -219,14 +272,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             rclpy.shutdown()
         for _, process in reversed(processes):
             stop_node(process)
-    config = {"embodiment": embodiment.name, "policy": policy, "checkpoint": args.checkpoint,
-              "tasks": tasks,
-              "episodes_per_task": args.episodes, "seed": args.seed}
-    summary = save_results(out / "results.json", episodes, config)
-    print(format_table(summary, title=f"\n{embodiment.name}, policy: {policy}"))
-    if args.plot:
-        plot_success({policy: summary}, out / "success.png")
-    return summary
+    return episodes, videos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task (Avg@N)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of each task's first episode (episode k: seed + k)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="ros",
+                        help="ros: the sim bridge and the policy node as processes, through "
+                             "the robot's topics; inprocess: the node's pipeline and the "
+                             "bridge's trajectory follower in this process, without ROS")
     parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="checkpoint (start bridge + policy node), expert (start the "
                              "bridge with its scripted expert) or external (already running); "
@@ -271,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `ros2 run twinbrain_ros evaluate`."""
     args = build_parser().parse_args(argv)
     try:
-        evaluate(args)
+        evaluate(EvaluationConfig(**vars(args)))
     except (ValueError, RuntimeError) as error:
         print(f"evaluate: {error}", flush=True)
         return 1

@@ -25,15 +25,14 @@ state and the model's identity.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
-from dataclasses import fields
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import ParameterUninitializedException
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -42,74 +41,72 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from ..embodiment import Embodiment, EmbodimentError
 from ..errors import CausedError, shorten
 from ..policy.pipeline import PolicyPipeline
 from ..policy.runtime import Observation, PolicyRuntime
 from ..policy.scheduler import Trajectory
+from ..robot.embodiment import Embodiment
 from .conversions import (
     InputError,
     controller_trajectories,
-    declare_parameters,
     image_to_rgb,
     joint_positions,
     make_trajectory,
-    run_node,
 )
+from .parameters import Param, declare_embodiment, declare_parameters
+from .runner import run_node
 
 JOINT_HISTORY = 100  # joint states kept for stamp matching (2 s at 50 Hz)
 MAX_CAUSES = 48      # distinct rejection causes kept apart in /diagnostics; the rest is "other"
 LOG_EVERY_S = 5.0    # a cause is logged at most this often (its count is always kept)
 
-# Embodiment parameters come from the embodiment's YAML (config/<embodiment>.yaml): declared with
-# a type and no default, so a missing one is an error that names it.
-_EMBODIMENT_TYPES = {
-    "embodiment": Parameter.Type.STRING,
-    "joint_names": Parameter.Type.STRING_ARRAY,
-    "joint_lower_limits": Parameter.Type.DOUBLE_ARRAY,
-    "joint_upper_limits": Parameter.Type.DOUBLE_ARRAY,
-    "max_joint_step": Parameter.Type.DOUBLE_ARRAY,
-    "max_joint_velocity": Parameter.Type.DOUBLE_ARRAY,
-    "control_rate_hz": Parameter.Type.DOUBLE,
-    "action_space": Parameter.Type.STRING,
-    "state_space": Parameter.Type.STRING,
-    "normalization_key": Parameter.Type.STRING,
-    "action_normalization": Parameter.Type.STRING,
-    "state_normalization": Parameter.Type.STRING,
-    "gripper_joint": Parameter.Type.STRING,
-    "gripper_open_position": Parameter.Type.DOUBLE,
-    "gripper_closed_position": Parameter.Type.DOUBLE,
-    "image_topics": Parameter.Type.STRING_ARRAY,
-    "joint_state_topic": Parameter.Type.STRING,
-    "instruction_topic": Parameter.Type.STRING,
-    "trajectory_topic": Parameter.Type.STRING,
-    "gripper_topic": Parameter.Type.STRING,
-    "dry_run_topic": Parameter.Type.STRING,
-}
 # Node parameters with defaults: name -> (default, description).
 _NODE_PARAMETERS = {
-    "checkpoint": ("", "TwinBrainVLA checkpoint directory (required)"),
-    "backbone_path": ("", "override of the base Qwen-VL directory stored in the checkpoint"),
-    "device": ("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
-    "seed": (-1, "seed of the flow-matching noise; -1 draws fresh noise every chunk"),
-    "enable_actuation": (False, "publish to the controller topics; false sends every "
-                                "trajectory to dry_run_topic instead (may be changed at run "
-                                "time; turning it off holds the robot first)"),
-    "actions_per_inference": (4, "control periods executed from a chunk before the next one "
-                                 "is requested (the replanning period)"),
-    "blend_steps": (2, "points of a new chunk cross-faded with the executing plan"),
-    "max_input_age_s": (0.5, "an image or joint state older than this is stale"),
-    "max_sync_skew_s": (0.1, "largest allowed stamp difference between image(s) and joint state"),
-    "max_instruction_tokens": (128, "longest instruction in tokens of the checkpoint's "
-                                    "tokenizer; longer ones are rejected"),
-    "stamp_trajectories": (False, "stamp trajectories with the plan's start time instead of "
-                                  "zero (zero means 'start now' to the controller)"),
-    "input_silence_s": (2.0, "an input topic with a matched publisher but no message for this "
-                             "long (wall clock) gets its subscription recreated"),
-    "diagnostics_period_s": (1.0, "period of /diagnostics messages"),
+    "checkpoint": Param("", "TwinBrainVLA checkpoint directory (required)"),
+    "backbone_path": Param("", "override of the base Qwen-VL directory stored in the checkpoint"),
+    "device": Param("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
+    "seed": Param(-1, "seed of the flow-matching noise; -1 draws fresh noise every chunk",
+                  (-1, 2**31 - 1)),
+    "enable_actuation": Param(False, "publish to the controller topics; false sends every "
+                                     "trajectory to dry_run_topic instead (may be changed at "
+                                     "run time; turning it off holds the robot first)",
+                              dynamic=True),
+    "actions_per_inference": Param(4, "control periods executed from a chunk before the next "
+                                      "one is requested (the replanning period)", (1, 1000)),
+    "blend_steps": Param(2, "points of a new chunk cross-faded with the executing plan",
+                         (0, 64)),
+    "max_input_age_s": Param(0.5, "an image or joint state older than this is stale",
+                             (0.001, 60.0)),
+    "max_sync_skew_s": Param(0.1, "largest allowed stamp difference between image(s) and joint "
+                                  "state", (0.0, 60.0)),
+    "max_instruction_tokens": Param(128, "longest instruction in tokens of the checkpoint's "
+                                         "tokenizer; longer ones are rejected", (1, 8192)),
+    "stamp_trajectories": Param(False, "stamp trajectories with the plan's start time instead "
+                                       "of zero (zero means 'start now' to the controller)"),
+    "stall_timeout_s": Param(10.0, "a cycle still running after this long (wall clock; at "
+                                   "least 3 replanning periods plus the p95 latency) is "
+                                   "reported at ERROR and the robot holds", (0.1, 3600.0)),
+    "input_silence_s": Param(2.0, "an input topic with a matched publisher but no message for "
+                                  "this long (wall clock) gets its subscription recreated",
+                             (0.1, 3600.0)),
+    "diagnostics_period_s": Param(1.0, "period of /diagnostics messages", (0.01, 60.0)),
 }
-# Parameters that may change while the node runs; every other one is read-only.
-_DYNAMIC_PARAMETERS = ("enable_actuation",)
+
+
+def _guarded(callback):
+    """Executor callbacks never raise: `rclpy.spin` would end the node. Errors are counted."""
+
+    @functools.wraps(callback)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return callback(self, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the node must keep holding the robot
+            self._reject("callback_error", f"{callback.__name__} failed: "
+                                           f"{type(error).__name__}: {shorten(str(error), 300)}",
+                         level="error")
+            return None
+
+    return wrapper
 
 
 class PolicyNode(Node):
@@ -118,10 +115,8 @@ class PolicyNode(Node):
     def __init__(self, runtime=None, **node_kwargs):
         """Declare parameters, load the model (unless `runtime` is given), wire the topics."""
         super().__init__("policy_node", **node_kwargs)
-        self.embodiment = self._declare_embodiment()
-        self.params = p = declare_parameters(self, _NODE_PARAMETERS,
-                                             read_only=set(_NODE_PARAMETERS)
-                                             - set(_DYNAMIC_PARAMETERS))
+        self.embodiment = declare_embodiment(self)
+        self.params = p = declare_parameters(self, _NODE_PARAMETERS)
         if runtime is None:
             if not p["checkpoint"]:
                 raise ValueError("parameter 'checkpoint' is required (a checkpoint directory)")
@@ -154,7 +149,10 @@ class PolicyNode(Node):
         self.holds = 0
         self.worker_restarts = 0
         self._worker_failure = ""            # why the watchdog last restarted the worker
+        self._worker_failure_time = -1e9     # monotonic time of that restart
+        self._stalled_since = None           # monotonic time a cycle was found hanging
         self._operator_hold = False
+        self._held_at = None                 # where the last hold (since the last plan) went
         self._generation = 0                 # bumped by hold/resume/actuation changes
         # Camera and joint-state subscriptions are watched: one that stays silent while a
         # publisher is matched is recreated (see `_watch_inputs`).
@@ -181,21 +179,6 @@ class PolicyNode(Node):
         self.create_timer(0.5, self._watchdog)
         self.get_logger().info(
             f"policy node ready: embodiment {emb.name} ({emb.action_space}), {self._route()}")
-
-    def _declare_embodiment(self) -> Embodiment:
-        values = {}
-        for name, kind in _EMBODIMENT_TYPES.items():
-            descriptor = ParameterDescriptor(description=_field_doc(name), read_only=True)
-            self.declare_parameter(name, kind, descriptor)
-            try:
-                values[name] = self.get_parameter(name).value
-            except ParameterUninitializedException:
-                pass  # optional ones keep the Embodiment default, required ones are named
-        try:
-            return Embodiment.from_parameters(values)
-        except EmbodimentError as error:
-            raise ValueError(f"{error}: pass the embodiment's params file "
-                             "(--params-file config/<embodiment>.yaml)") from error
 
     def _route(self) -> str:
         emb = self.embodiment
@@ -229,10 +212,12 @@ class PolicyNode(Node):
         self._count(cause)
         now = time.monotonic()
         with self._stats_lock:
-            total = self.rejected.get(cause, self.rejected.get("other", 0))
+            if cause not in self.rejected:
+                cause = "other"  # past MAX_CAUSES: counted and rate-limited as one
+            total = self.rejected[cause]
             logged_at, logged_count = self._last_log.get(cause, (-1e9, 0))
             due = now - logged_at >= LOG_EVERY_S
-            if due and (cause in self._last_log or len(self._last_log) < MAX_CAUSES):
+            if due:
                 self._last_log[cause] = (now, total)
         if due:
             since = total - logged_count - 1
@@ -281,6 +266,7 @@ class PolicyNode(Node):
                          f"no message on {topic} for {now - reference:.1f} s while {publishers} "
                          "publisher(s) are matched: subscription recreated")
 
+    @_guarded
     def _on_image(self, topic: str, msg: Image) -> None:
         try:
             rgb = image_to_rgb(msg)
@@ -292,6 +278,7 @@ class PolicyNode(Node):
         with self._lock:
             self._images[topic] = (rgb, self._now(), _stamp(msg))
 
+    @_guarded
     def _on_joints(self, msg: JointState) -> None:
         try:
             positions = joint_positions(msg, self.embodiment.joint_names)
@@ -302,6 +289,7 @@ class PolicyNode(Node):
         with self._lock:
             self._joints.append((positions, self._now(), _stamp(msg)))
 
+    @_guarded
     def _on_instruction(self, msg: String) -> None:
         text = msg.data
         max_tokens = int(self.params["max_instruction_tokens"])
@@ -317,22 +305,28 @@ class PolicyNode(Node):
             if check is not None:
                 check(text, max_tokens)
         except CausedError as error:
-            # The robot must not go on with the previous task when a new one was meant.
+            # The robot must not go on with the previous task when a new one was meant: no
+            # new plans, and the one executing stops where the robot is.
             with self._lock:
                 had_one, self._instruction = self._instruction is not None, None
-            suffix = "; no new plans until a valid instruction arrives" if had_one else ""
+            suffix = "; holding until a valid instruction arrives" if had_one else ""
             self._reject(error.cause, f"rejected an instruction: {error}{suffix}")
+            with self._plan_lock:
+                if self.pipeline.scheduler.plan is not None:
+                    self._generation += 1
+                    self._hold("instruction rejected")
             return
         with self._lock:
             previous, self._instruction = self._instruction, text
         if text != previous:
             self.get_logger().info(f"instruction: {shorten(repr(text), 200)}")
 
+    @_guarded
     def _on_hold(self, request, response):
         with self._plan_lock:
             self._operator_hold = True
             self._generation += 1
-            held = self._hold("operator hold")
+            held = self._hold("operator hold", force=True)
         response.success = True
         response.message = ("holding at the measured position; call ~/resume to plan again"
                             if held else "holding: no plans will be published (no measured "
@@ -340,6 +334,7 @@ class PolicyNode(Node):
         self.get_logger().warning(f"operator hold: {response.message}")
         return response
 
+    @_guarded
     def _on_resume(self, request, response):
         with self._plan_lock:
             was_held, self._operator_hold = self._operator_hold, False
@@ -351,6 +346,7 @@ class PolicyNode(Node):
         self.get_logger().info(f"operator resume: {response.message}")
         return response
 
+    @_guarded
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         for parameter in parameters:
             if parameter.name == "enable_actuation" and \
@@ -368,7 +364,7 @@ class PolicyNode(Node):
                 return
             if not enable:
                 # The controller would finish the plan it has: stop it where the robot is.
-                self._hold("actuation disabled")
+                self._hold("actuation disabled", force=True)
             self.actuate = enable
             self.params["enable_actuation"] = enable
             self._generation += 1
@@ -432,9 +428,14 @@ class PolicyNode(Node):
             try:
                 planned = self._plan_once()
             except Exception as error:  # noqa: BLE001 - whatever failed, the robot must hold
-                self._fail(error)
+                try:
+                    self._fail(error)
+                except Exception as failure:  # noqa: BLE001 - never let the worker end
+                    self._reject("hold_failed", f"could not hold after {type(error).__name__}: "
+                                                f"{shorten(str(failure), 200)}", level="error")
             wait = self.period if planned else self.embodiment.dt
             while not self._stop.is_set():
+                self._heartbeat = time.monotonic()  # waiting (a paused /clock too) is not a stall
                 elapsed = self._now() - start
                 remaining = wait - elapsed
                 if remaining <= 0 or elapsed < 0:  # elapsed < 0: the clock was reset
@@ -447,18 +448,29 @@ class PolicyNode(Node):
             return False
         snapshot = self._snapshot()
         if snapshot is None:
+            # Inputs went stale or unusable while a plan runs: the controller would go on
+            # blind to its end. Stop it where the robot is, once.
+            with self._plan_lock:
+                if self.pipeline.scheduler.plan is not None:
+                    self._hold("unusable inputs")
+                    self._reject("held_on_unusable_inputs", "holding position: no usable "
+                                                            "inputs for the next plan")
             return False
         observation, observation_time, inputs = snapshot
         generation = self._generation
         started = self._now()
         chunk = self.pipeline.infer(observation)
+        targets = self.pipeline.decode(chunk, observation)  # IK runs outside the lock
         with self._plan_lock:
             if generation != self._generation or self._operator_hold:
                 self._count("discarded_after_hold")
                 return True
-            result = self.pipeline.plan(chunk, observation, observation_time, self._now,
-                                        measured=lambda: self._measured_or(observation.state))
+            result = self.pipeline.schedule(
+                chunk, targets, observation, observation_time, self._now,
+                measured=lambda: self._measured_or(observation.state))
             published = self._publish(result.trajectory)
+            if published:
+                self._held_at = None
         now = self._now()
         with self._stats_lock:
             self.latencies.append(result.chunk.latency_s)
@@ -487,13 +499,16 @@ class PolicyNode(Node):
         with self._plan_lock:
             self._hold(cause)
 
-    def _hold(self, reason: str) -> bool:
+    def _hold(self, reason: str, force: bool = False) -> bool:
         """Publish a hold at the newest measured position (call with `_plan_lock` held).
 
         A measured position older than `max_input_age_s` is not trusted while a plan runs: the
-        robot then holds at the commanded position. Returns whether a hold was published.
+        robot then holds at the commanded position. While the robot already holds (no plan
+        since the last hold) and has not moved by a quarter step, the hold is not sent again:
+        failing cycles in a row do not flood the controller. Returns whether a hold was sent.
         """
         now = self._now()
+        executing = self.pipeline.scheduler.plan is not None
         position = self._measured(float(self.params["max_input_age_s"]))
         if position is None:
             position = self.pipeline.scheduler.commanded_position(now)
@@ -502,6 +517,10 @@ class PolicyNode(Node):
         self.pipeline.scheduler.reset()
         if position is None:
             return False
+        held_at = self._held_at
+        if (not force and not executing and held_at is not None
+                and np.all(np.abs(position - held_at) < 0.25 * self.embodiment.max_step)):
+            return True
         try:
             trajectory = self.pipeline.hold(position, now)
         except ValueError as error:
@@ -510,7 +529,9 @@ class PolicyNode(Node):
             return False
         with self._stats_lock:
             self.holds += 1
-        return self._publish(trajectory)
+        published = self._publish(trajectory)
+        self._held_at = trajectory.positions[0].copy() if published else None
+        return published
 
     def _publish(self, trajectory: Trajectory) -> bool:
         """Publish to the current route; False after shutdown began (nothing is sent then)."""
@@ -542,23 +563,49 @@ class PolicyNode(Node):
             raise
         return True
 
+    @_guarded
     def _watchdog(self) -> None:
         """Watch the inputs; restart the worker should it ever end (see `_watch_inputs`)."""
         if self._stop.is_set():
             return
         self._watch_inputs()
         if self._worker.is_alive():
+            self._watch_stall()
             return
         self.worker_restarts += 1
         self._worker_failure = (f"inference worker stopped unexpectedly; restarted "
                                 f"({self.worker_restarts} restarts)")
+        self._worker_failure_time = time.monotonic()
         self.get_logger().error(self._worker_failure)
         with self._plan_lock:
+            self._generation += 1
             self._hold("worker restart")
         self._worker = self._start_worker()
 
+    def _stall_limit_s(self) -> float:
+        with self._stats_lock:
+            latencies = list(self.latencies)
+        p95 = float(np.percentile(latencies, 95)) if latencies else 0.0
+        return max(float(self.params["stall_timeout_s"]), 3.0 * (self.period + p95))
+
+    def _watch_stall(self) -> None:
+        """A cycle that hangs (a deadlocked device call) cannot be restarted: hold and say so."""
+        idle = time.monotonic() - self._heartbeat
+        if idle > self._stall_limit_s():
+            if self._stalled_since is None:
+                self._stalled_since = time.monotonic()
+                self.get_logger().error(f"the inference worker has not finished a cycle for "
+                                        f"{idle:.1f} s: holding the robot")
+                with self._plan_lock:
+                    self._generation += 1  # whatever the hung cycle returns is discarded
+                    self._hold("worker stalled")
+        elif self._stalled_since is not None:
+            self._stalled_since = None
+            self.get_logger().info("the inference worker is cycling again")
+
     # -- diagnostics ---------------------------------------------------------------------------
 
+    @_guarded
     def _publish_diagnostics(self) -> None:
         status = DiagnosticStatus(name="twinbrain_ros: policy_node",
                                   hardware_id=str(self.params["checkpoint"]))
@@ -601,7 +648,12 @@ class PolicyNode(Node):
             status.level, status.message = DiagnosticStatus.WARN, "held by the operator"
         elif last_error:
             status.level, status.message = DiagnosticStatus.WARN, last_error[:200]
-        if self._worker_failure or not self._worker.is_alive():
+        if self._stalled_since is not None:
+            status.level = DiagnosticStatus.ERROR
+            status.message = (f"inference worker stalled for "
+                              f"{time.monotonic() - self._heartbeat:.0f} s; holding")
+        recently_restarted = time.monotonic() - self._worker_failure_time < 60.0
+        if recently_restarted or not self._worker.is_alive():
             status.level = DiagnosticStatus.ERROR
             status.message = self._worker_failure or "inference worker is not running"
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
@@ -633,13 +685,6 @@ def _matching_joint_state(history: list[tuple], image_stamps: list[float]) -> tu
 
 def _stamp(msg) -> float:
     return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-
-
-def _field_doc(name: str) -> str:
-    known = {f.name for f in fields(Embodiment)}
-    key = "name" if name == "embodiment" else name
-    return (f"embodiment description field '{key}' (see twinbrain_ros.embodiment.Embodiment)"
-            if key in known else name)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -44,15 +44,14 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, String
 from trajectory_msgs.msg import JointTrajectory
 
-from ..embodiment import Embodiment
+from ..robot.embodiment import Embodiment
 from ..sim.base import SimError, make_backend
+from ..sim.evaluation import jsonable
 from ..sim.follower import TrajectoryError, TrajectoryFollower
-from .conversions import (
-    controller_trajectories,
-    declare_parameters,
-    rgb_to_image,
-    run_node,
-)
+from ..sim.rollout import substeps_per_control
+from .conversions import controller_trajectories, rgb_to_image
+from .parameters import Param, declare_parameters
+from .runner import run_node
 
 EPISODE_TOPIC = "/sim/episode"
 SUCCESS_TOPIC = "/sim/success"
@@ -62,26 +61,32 @@ EVENT_QOS = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE,
                        durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 _PARAMETERS = {
-    "embodiment": ("widowx", "robot: an embodiment name (config/<name>.yaml) or a YAML path"),
-    "backend": ("", "simulator backend (empty: the embodiment's CPU default, "
-                    "widowx_mujoco or gr1_robosuite)"),
-    "task": ("", "task of the backend (empty: its first task)"),
-    "seed": (0, "seed of the first episode; each later reset without a seed adds one"),
-    "image_width": (224, "camera image width in pixels"),
-    "image_height": (224, "camera image height in pixels"),
-    "camera_rate_hz": (0.0, "camera publishing rate (0: the embodiment's control rate)"),
-    "real_time_factor": (1.0, "simulated seconds per wall-clock second"),
-    "publish_clock": (True, "publish simulated time on /clock (nodes with use_sim_time)"),
-    "episode_gap_s": (5.0, "simulated time skipped before each episode; keep it longer than "
-                           "the policy's plan (horizon x control period) so that none carries "
-                           "across a reset"),
-    "publish_instruction": (True, "publish the task's instruction at each episode start"),
-    "start_episode": (True, "start the first episode without waiting for a reset request"),
-    "auto_reset": (False, "start the next episode as soon as one ends"),
-    "wait_for_subscribers_s": (10.0, "at an episode start, wait this long for a subscriber "
-                                     "of the instruction topic (the policy node)"),
-    "expert": (False, "drive the robot with the task's scripted expert through the "
-                      "trajectory topics (no policy node needed)"),
+    "embodiment": Param("widowx", "robot: an embodiment name (config/<name>.yaml) or a YAML "
+                                  "path"),
+    "backend": Param("", "simulator backend (empty: the embodiment's CPU default, "
+                         "widowx_mujoco or gr1_robosuite)"),
+    "task": Param("", "task of the backend (empty: its first task)"),
+    "seed": Param(0, "seed of the first episode; each later reset without a seed adds one",
+                  (0, 2**31 - 1)),
+    "image_width": Param(224, "camera image width in pixels", (8, 4096)),
+    "image_height": Param(224, "camera image height in pixels", (8, 4096)),
+    "camera_rate_hz": Param(0.0, "camera publishing rate (0: the embodiment's control rate)",
+                            (0.0, 1000.0)),
+    "real_time_factor": Param(1.0, "simulated seconds per wall-clock second (0: as fast as "
+                                   "possible)", (0.0, 1000.0)),
+    "publish_clock": Param(True, "publish simulated time on /clock (nodes with use_sim_time)"),
+    "episode_gap_s": Param(5.0, "simulated time skipped before each episode; keep it longer "
+                                "than the policy's plan (horizon x control period) so that "
+                                "none carries across a reset", (0.0, 3600.0)),
+    "publish_instruction": Param(True, "publish the task's instruction at each episode start"),
+    "start_episode": Param(True, "start the first episode without waiting for a reset "
+                                 "request"),
+    "auto_reset": Param(False, "start the next episode as soon as one ends"),
+    "wait_for_subscribers_s": Param(10.0, "at an episode start, wait this long for a "
+                                          "subscriber of the instruction topic (the policy "
+                                          "node)", (0.0, 3600.0)),
+    "expert": Param(False, "drive the robot with the task's scripted expert through the "
+                           "trajectory topics (no policy node needed)"),
 }
 
 
@@ -93,7 +98,7 @@ class SimBridge(Node):
         super().__init__("sim_bridge", **node_kwargs)
         self.params = p = declare_parameters(self, _PARAMETERS)
         if backend is None:
-            embodiment = _load_embodiment(p["embodiment"])
+            embodiment = Embodiment.resolve(p["embodiment"])
             backend = make_backend(p["backend"] or embodiment.name, task=p["task"] or None,
                                    embodiment=embodiment, image_width=int(p["image_width"]),
                                    image_height=int(p["image_height"]))
@@ -118,7 +123,7 @@ class SimBridge(Node):
         q, _ = backend.joint_state()
         self.follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q,
                                            max_velocity=emb.max_velocity)
-        self._substeps = max(1, round(emb.dt / backend.sim_dt))
+        self._substeps = substeps_per_control(backend)
         camera_rate = float(p["camera_rate_hz"]) or emb.control_rate_hz
         self._camera_every = max(1, round(1.0 / (camera_rate * backend.sim_dt)))
 
@@ -136,11 +141,7 @@ class SimBridge(Node):
         self.create_subscription(String, RESET_TOPIC, self._on_reset, 10)
 
         self._expert = None
-        self._expert_converter = None
         if p["expert"]:
-            from ..actions import ActionConverter
-
-            self._expert_converter = ActionConverter(emb)
             self.expert_publishers = {
                 topic: self.create_publisher(JointTrajectory, topic, 10)
                 for topic in (emb.trajectory_topic, emb.gripper_topic) if topic}
@@ -318,7 +319,7 @@ class SimBridge(Node):
         q, _ = self.backend.joint_state()
         action = np.asarray(self._expert.act(), dtype=np.float64)
         try:
-            targets = self._expert_converter(action[None], q)
+            targets = emb.actions.decode(action[None], q)
         except Exception as error:  # noqa: BLE001 - log and let the robot hold
             self.get_logger().warning(f"expert action not executable: {error}",
                                       throttle_duration_sec=2.0)
@@ -347,8 +348,10 @@ class SimBridge(Node):
                 "seed": ep.seed, "instruction": ep.instruction, "success": success,
                 "steps": self._steps, "trajectories": self._trajectories,
                 "sim_time": round(self._sim_time, 6),
-                "info": _jsonable(ep.info),
-                "outcome": _jsonable(self.backend.outcome()) if event == "end" else {},
+                "info": jsonable(ep.info),
+                "outcome": jsonable(self.backend.outcome()) if event == "end" else {},
+                "final_state": ([round(float(v), 5) for v in self.backend.joint_state()[0]]
+                                if event == "end" else []),
                 "error": error}
 
     def _publish_event(self, event: str, success: bool, error: str = "") -> None:
@@ -378,24 +381,6 @@ class SimBridge(Node):
         if not self._thread.is_alive():  # a simulator step in progress is never torn down
             self.backend.close()
         super().destroy_node()
-
-
-def _load_embodiment(value: str) -> Embodiment:
-    if value.endswith((".yaml", ".yml")):
-        return Embodiment.from_yaml(value)
-    return Embodiment.load(value)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def main(args: list[str] | None = None) -> int:

@@ -21,12 +21,11 @@ from .base import (  # noqa: E402 - after MUJOCO_GL
     ScriptedExpert,
     SimBackend,
     SimError,
-    TargetInterpolator,
     backend_names,
     make_backend,
 )
 
 __all__ = [
     "BACKENDS", "DEFAULT_BACKENDS", "Episode", "ScriptedExpert", "SimBackend", "SimError",
-    "TargetInterpolator", "backend_names", "make_backend",
+    "backend_names", "make_backend",
 ]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..embodiment import Embodiment
+from ..robot.embodiment import Embodiment
 
 
 class SimError(RuntimeError):
@@ -166,32 +166,3 @@ def make_backend(name: str, task: str | None = None, embodiment: Embodiment | No
     backend = cls(embodiment=embodiment, task=task, **options)
     backend.name, backend.task = name, task  # what the bridge needs to rebuild it
     return backend
-
-
-class TargetInterpolator:
-    """Position targets between the control-rate actions, at the simulator's rate.
-
-    A new target (one per control period) is reached linearly over `duration` seconds from
-    the target in force when it arrived, which is what a joint trajectory controller does
-    between two trajectory points.
-    """
-
-    def __init__(self, start: np.ndarray):
-        """Hold `start` until the first target arrives."""
-        self._from = np.asarray(start, dtype=np.float64).copy()
-        self._to = self._from.copy()
-        self._t0 = 0.0
-        self._duration = 0.0
-
-    def set_target(self, target: np.ndarray, now: float, duration: float) -> None:
-        """Move to `target`, arriving `duration` seconds after `now`."""
-        self._from = self.sample(now)
-        self._to = np.asarray(target, dtype=np.float64).copy()
-        self._t0, self._duration = now, max(float(duration), 0.0)
-
-    def sample(self, now: float) -> np.ndarray:
-        """The target in force at time `now`."""
-        if self._duration <= 0.0:
-            return self._to.copy()
-        alpha = min(max((now - self._t0) / self._duration, 0.0), 1.0)
-        return self._from + alpha * (self._to - self._from)

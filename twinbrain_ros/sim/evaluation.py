@@ -1,16 +1,172 @@
-"""Success-rate bookkeeping for evaluations: tables, JSON, plots and videos (no ROS).
+"""Evaluations: their configuration, the in-process loop, and the bookkeeping (no ROS).
 
 The paper reports Avg@N: the success rate over N episodes of each task, and their mean over
-tasks. `summarize` computes exactly that from per-episode results.
+tasks. `summarize` computes exactly that from per-episode results. An evaluation runs through
+the ROS topics (`twinbrain_ros.ros.evaluate`, the integration path) or in this process
+(`run_inprocess`): the same policy pipeline and trajectory follower, without ROS in between.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+POLICIES = ("checkpoint", "expert", "external")
+TRANSPORTS = ("ros", "inprocess")
+
+
+@dataclass
+class EvaluationConfig:
+    """One evaluation: which robot, tasks, seeds and policy, and how it is run.
+
+    Attributes:
+        embodiment: embodiment name (`config/<name>.yaml`) or YAML path.
+        tasks: task names of the backend.
+        episodes: episodes per task (Avg@N); episode k of a task uses seed `seed + k`.
+        seed: seed of each task's first episode.
+        policy: `checkpoint`, `expert` or `external` (nodes already running; ROS only); None:
+            `checkpoint` when a checkpoint is given, else `external`.
+        checkpoint: TwinBrainVLA checkpoint directory.
+        transport: `ros` (sim bridge and policy node as processes, through the robot's topics)
+            or `inprocess` (the node's pipeline and the bridge's follower in this process).
+        backend: simulator backend ("" for the embodiment's CPU default).
+        device: torch device of the policy.
+        policy_seed: seed of the flow-matching noise (-1: fresh noise every chunk).
+        actions_per_inference: replanning period in control periods (0: the embodiment
+            file's `actions_per_inference`).
+        image_size: square camera size in pixels.
+        camera_rate_hz: camera rate (0: the control rate; ROS only).
+        real_time_factor: simulated seconds per wall-clock second (ROS only).
+        out: output directory (`results.json`, `success.png`, videos, logs).
+        video: save the first N episodes as mp4.
+        plot: save `success.png`.
+        startup_timeout_s: how long to wait for the bridge and policy node (ROS only).
+        episode_timeout_s: wall-clock limit of one episode (ROS only).
+    """
+
+    embodiment: str = "widowx"
+    tasks: list[str] = field(default_factory=list)
+    episodes: int = 10
+    seed: int = 0
+    policy: str | None = None
+    checkpoint: str = ""
+    transport: str = "ros"
+    backend: str = ""
+    device: str = "auto"
+    policy_seed: int = 0
+    actions_per_inference: int = 0
+    image_size: int = 224
+    camera_rate_hz: float = 0.0
+    real_time_factor: float = 1.0
+    out: str = "runs/eval"
+    video: int = 0
+    plot: bool = False
+    startup_timeout_s: float = 120.0
+    episode_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        """Resolve the policy and check the choices."""
+        self.tasks = list(self.tasks)
+        if not self.tasks:
+            raise ValueError("an evaluation needs at least one task")
+        self.policy = self.policy or ("checkpoint" if self.checkpoint else "external")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {POLICIES}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r} is not one of {TRANSPORTS}")
+        if self.policy == "checkpoint" and not self.checkpoint:
+            raise ValueError("--policy checkpoint needs --checkpoint DIR")
+        if self.policy == "external" and self.transport == "inprocess":
+            raise ValueError("--policy external needs --transport ros (running nodes)")
+        if self.episodes < 1:
+            raise ValueError("episodes must be at least 1")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (saved with the results)."""
+        return asdict(self)
+
+
+@dataclass
+class EvaluationResult:
+    """Per-episode results and their summary (also written to `results.json`)."""
+
+    summary: dict
+    episodes: list[dict]
+
+
+def run_inprocess(config: EvaluationConfig, embodiment, pipeline=None,
+                  actions_per_inference: int = 1, progress=print) -> tuple[list[dict], dict]:
+    """Run the episodes of `config` in this process; returns (episode results, videos).
+
+    Args:
+        config: the evaluation.
+        embodiment: the robot (`Embodiment`).
+        pipeline: the policy node's `PolicyPipeline` (None: the task's scripted expert).
+        actions_per_inference: the pipeline's replanning period.
+        progress: called with one line per episode.
+
+    Returns:
+        The results (the same keys as the ROS evaluation's) and {episode name: frames} of
+        the first `config.video` episodes.
+    """
+    from .base import make_backend
+    from .rollout import run_episode
+
+    backend = None
+    episodes, videos = [], {}
+    sim_time = 0.0
+    try:
+        for task in config.tasks:
+            if backend is None or backend.task != task:
+                if backend is not None:
+                    backend.close()
+                backend = make_backend(config.backend or embodiment.name, task=task,
+                                       embodiment=embodiment, image_width=config.image_size,
+                                       image_height=config.image_size)
+            for k in range(config.episodes):
+                seed = config.seed + k
+                keep = len(videos) < config.video
+                started = time.monotonic()
+                record = run_episode(backend, seed, pipeline=pipeline,
+                                     actions_per_inference=actions_per_inference,
+                                     record=keep, render=pipeline is not None or keep)
+                sim_time += record.steps * embodiment.dt
+                result = {"task": task, "seed": seed, "instruction": record.episode.instruction,
+                          "success": record.success, "steps": record.steps,
+                          "trajectories": record.trajectories, "sim_time": round(sim_time, 6),
+                          "info": jsonable(record.episode.info),
+                          "outcome": jsonable(record.outcome),
+                          "final_state": record.final_state, "error": "",
+                          "wall_time_s": round(time.monotonic() - started, 3),
+                          "policy": config.policy}
+                episodes.append(result)
+                if keep:
+                    videos[f"{task}_seed{seed}"] = [frames[0] for frames in record.frames]
+                progress(f"  {task} seed {seed}: "
+                         f"{'success' if record.success else 'failure'} after {record.steps} "
+                         f"steps ({result['wall_time_s']:.1f} s)  {result['instruction']!r}")
+    finally:
+        if backend is not None:
+            backend.close()
+    return episodes, videos
+
+
+def jsonable(value):
+    """`value` with NumPy arrays and scalars (nested in dicts and lists) as plain Python."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def summarize(episodes: list[dict]) -> dict:

@@ -132,8 +132,10 @@ class TrajectoryFollower:
         Call with increasing times (once per simulator step).
         """
         target = self.sample(now)
-        if self.max_velocity is not None and self._command_time is not None:
-            reach = self.max_velocity * max(now - self._command_time, 0.0)
+        if self.max_velocity is not None:
+            # The first call has no elapsed time to move in: it holds the command.
+            elapsed = 0.0 if self._command_time is None else max(now - self._command_time, 0.0)
+            reach = self.max_velocity * elapsed
             target = self._command + np.clip(target - self._command, -reach, reach)
         self._command, self._command_time = target, now
         return target.copy()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..embodiment import Embodiment
+from ..robot.embodiment import Embodiment
 from .base import Episode, ScriptedExpert, SimBackend, SimError, stiffen_joint_limits
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.lerobot import LeRobotWriter
-from ..embodiment import Embodiment
+from ..robot.embodiment import Embodiment
 from .base import make_backend
 from .rollout import run_episode
 
@@ -61,7 +61,7 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
     """
     from tqdm import tqdm
 
-    emb = embodiment if isinstance(embodiment, Embodiment) else Embodiment.load(embodiment)
+    emb = embodiment if isinstance(embodiment, Embodiment) else Embodiment.resolve(embodiment)
     report = RecordReport(root=Path(out))
     started = time.monotonic()
     writer = None

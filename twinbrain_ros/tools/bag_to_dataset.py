@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from ..data.rosbag import ACTION_SOURCES, TIME_SOURCES, BagError, ConversionOptions, convert_bags
-from ..embodiment import Embodiment, EmbodimentError
+from ..robot.embodiment import Embodiment, EmbodimentError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _embodiment(name: str) -> Embodiment:
-    if name.endswith((".yaml", ".yml")):
-        return Embodiment.from_yaml(name)
-    return Embodiment.load(name)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the exit status (0 ok, 1 conversion error)."""
@@ -74,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         default_instruction=args.default_instruction, time_source=args.time_source,
         min_episode_frames=args.min_episode_frames)
     try:
-        embodiment = _embodiment(args.embodiment)
+        embodiment = Embodiment.resolve(args.embodiment)
         root, reports = convert_bags(args.bags, args.out, embodiment, options,
                                      version=args.format, use_videos=not args.no_videos)
     except (BagError, EmbodimentError, ImportError, OSError, ValueError) as exc:

@@ -116,6 +116,14 @@ def rpy_matrix(roll: float, pitch: float, yaw: float) -> np.ndarray:
     ])
 
 
+def rotation_to_rpy(rotation: np.ndarray) -> np.ndarray:
+    """Inverse of `rpy_matrix`: (roll, pitch, yaw) of `R = Rz(yaw) @ Ry(pitch) @ Rx(roll)`."""
+    r = np.asarray(rotation, dtype=float)
+    return np.array([np.arctan2(r[2, 1], r[2, 2]),
+                     np.arctan2(-r[2, 0], np.hypot(r[0, 0], r[1, 0])),   # steady near +-90 deg
+                     np.arctan2(r[1, 0], r[0, 0])])
+
+
 class ArmKinematics:
     """Forward and inverse kinematics of a serial arm from a URDF, with Pinocchio.
 
@@ -203,6 +211,19 @@ class ArmKinematics:
         return cls(widowx_urdf(robot_name), list(WIDOWX_ARM_JOINTS),
                    ee_frame=f"{robot_name}/ee_gripper_link",
                    base_frame=f"{robot_name}/base_link")
+
+    @classmethod
+    def load(cls, name: str) -> ArmKinematics:
+        """The kinematics model an embodiment description names (its `kinematics` field).
+
+        Raises:
+            ValueError: an unknown name (the message lists the known ones).
+            ImportError: Pinocchio, xacro or the robot description is not installed.
+        """
+        builders = {"interbotix_wx250s": lambda: cls.widowx("wx250s")}
+        if name not in builders:
+            raise ValueError(f"unknown kinematics model {name!r}; known: {sorted(builders)}")
+        return builders[name]()
 
     def _placement(self, q: np.ndarray):
         """End-effector placement in the base frame (pin.SE3), computing frame placements."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .model.normalization import MODES as NORMALIZATION_MODES
+from ..model.normalization import MODES as NORMALIZATION_MODES
 
 ACTION_SPACES = ("joint_position", "ee_delta")
 STATE_SPACES = ("joint_position",)
@@ -40,7 +40,10 @@ class Embodiment:
             of `max_joint_step`.
         control_rate_hz: rate of the actions in a chunk.
         action_space: "joint_position" (absolute targets) or "ee_delta" (Bridge-style
-            end-effector deltas + gripper, converted to joints by inverse kinematics).
+            end-effector deltas + gripper, converted to joints by inverse kinematics); its
+            conventions live in `twinbrain_ros.robot.action_spaces` (see `actions`).
+        kinematics: the arm's kinematics model for `ee_delta` actions (a name known to
+            `ArmKinematics.load`, e.g. `interbotix_wx250s`); "" for joint-space robots.
         state_space: how the state is measured ("joint_position").
         normalization_key: the checkpoint entry (state encoder + statistics) to use.
         action_normalization, state_normalization: statistics mode of actions / states
@@ -62,6 +65,7 @@ class Embodiment:
     control_rate_hz: float
     max_joint_velocity: list[float] = field(default_factory=list)
     action_space: str = "joint_position"
+    kinematics: str = ""
     state_space: str = "joint_position"
     normalization_key: str = ""
     action_normalization: str = "q01_q99"
@@ -110,6 +114,9 @@ class Embodiment:
                                       f"of {NORMALIZATION_MODES}")
         if not self.image_topics:
             raise EmbodimentError(f"{self.name}: at least one image topic is needed")
+        if self.action_space == "ee_delta" and not (self.gripper_joint and self.kinematics):
+            raise EmbodimentError(f"{self.name}: ee_delta actions need a gripper_joint and a "
+                                  "kinematics model (the 'kinematics' field)")
 
     @property
     def lower(self) -> np.ndarray:
@@ -143,21 +150,53 @@ class Embodiment:
         """Size of the model's state vector."""
         return len(self.joint_names)
 
+    def __getstate__(self) -> dict:
+        """Pickle the description only (worker processes build their own kinematics)."""
+        state = dict(self.__dict__)
+        state.pop("_actions", None)
+        return state
+
+    @property
+    def actions(self):
+        """The action space object (`twinbrain_ros.robot.action_spaces`).
+
+        It encodes and decodes this robot's actions and names their entries, size and binary
+        dims. Kinematics load on first use.
+        """
+        if getattr(self, "_actions", None) is None:
+            from .action_spaces import action_space_for
+
+            self._actions = action_space_for(self)
+        return self._actions
+
     @property
     def binary_action_dims(self) -> list[int]:
-        """Action dims that are a binary gripper (not scaled by the statistics).
-
-        Only Bridge-style end-effector actions have one (the last dim); in joint space the
-        gripper is a position like any joint.
-        """
-        return [6] if self.action_space == "ee_delta" else []
+        """Action dims that are a binary gripper (not scaled by the statistics)."""
+        return list(self.actions.binary_dims)
 
     @property
     def action_dim(self) -> int:
         """Size of the model's action vector."""
-        if self.action_space == "ee_delta":
-            return 7  # xyz + roll/pitch/yaw deltas + binary gripper
-        return len(self.joint_names)
+        return self.actions.dim
+
+    @property
+    def action_names(self) -> list[str]:
+        """Names of the action vector's entries."""
+        return list(self.actions.names)
+
+    def spec(self, num_cameras: int | None = None):
+        """The model's `EmbodimentSpec` of this robot, with its names (saved in checkpoints).
+
+        Args:
+            num_cameras: images per observation (default: one per image topic).
+        """
+        from ..model.twinbrain import EmbodimentSpec
+
+        return EmbodimentSpec(
+            state_dim=self.state_dim, action_dim=self.action_dim,
+            action_space=self.action_space, state_space=self.state_space, robot=self.name,
+            joint_names=list(self.joint_names), action_names=self.action_names,
+            num_cameras=len(self.image_topics) if num_cameras is None else int(num_cameras))
 
     @classmethod
     def from_parameters(cls, params: dict) -> Embodiment:
@@ -198,6 +237,19 @@ class Embodiment:
         """Load `config/<name>.yaml` from the installed package share or the source tree."""
         return cls.from_yaml(config_dir() / f"{name}.yaml")
 
+    @classmethod
+    def resolve(cls, name_or_path: str | Path) -> Embodiment:
+        """An embodiment name (`config/<name>.yaml`) or the path of a YAML description."""
+        return cls.from_yaml(description_file(name_or_path))
+
+
+def description_file(name_or_path: str | Path) -> Path:
+    """The YAML file of an embodiment name (`config/<name>.yaml`) or the path itself."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        return Path(text)
+    return config_dir() / f"{text}.yaml"
+
 
 def config_dir() -> Path:
     """The package's config directory: the ament share directory if installed, else the repo's."""
@@ -215,4 +267,4 @@ def config_dir() -> Path:
             pass
     except ImportError:
         pass
-    return Path(__file__).resolve().parent.parent / "config"
+    return Path(__file__).resolve().parents[2] / "config"

@@ -1,0 +1,108 @@
+"""Node parameters, declared as ros2_controllers declares them.
+
+Typed, described, with ranges and read-only flags. A node's table maps each name to a `Param`
+(default, description, optional range, whether it may change at run time). The embodiment's
+parameters are not retyped: they are derived from the fields of
+`twinbrain_ros.robot.embodiment.Embodiment` (type, description from its docstring, read-only),
+and declared without a default, so a missing one is an error that names it.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import MISSING, dataclass, fields
+
+from ..robot.embodiment import Embodiment, EmbodimentError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One node parameter: default, description, (low, high) range, run-time changeable."""
+
+    default: object
+    description: str
+    range: tuple[float, float] | None = None
+    dynamic: bool = False
+
+
+def descriptor(name: str, param: Param | None = None, *, description: str = "",
+               read_only: bool = True):
+    """A `ParameterDescriptor` with the range and read-only flag of `param`."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    text = param.description if param is not None else description
+    result = ParameterDescriptor(name=name, description=text,
+                                 read_only=read_only if param is None else not param.dynamic)
+    if param is not None and param.range is not None:
+        low, high = param.range
+        if isinstance(param.default, bool):
+            pass
+        elif isinstance(param.default, int):
+            result.integer_range = [IntegerRange(from_value=int(low), to_value=int(high), step=0)]
+        elif isinstance(param.default, float):
+            result.floating_point_range = [FloatingPointRange(from_value=float(low),
+                                                              to_value=float(high), step=0.0)]
+    return result
+
+
+def declare_parameters(node, table: dict[str, Param]) -> dict:
+    """Declare a node's parameters; returns {name: value}.
+
+    Values outside a parameter's range are refused by rclpy, at start-up (from a params file
+    or the command line) and at run time (`ros2 param set`), with the range in the message.
+    """
+    values = {}
+    for name, param in table.items():
+        node.declare_parameter(name, param.default, descriptor(name, param))
+        values[name] = node.get_parameter(name).value
+    return values
+
+
+def _field_descriptions() -> dict[str, str]:
+    """Descriptions of the Embodiment fields, from the 'Attributes:' section of its docstring."""
+    doc = Embodiment.__doc__ or ""
+    section = doc.split("Attributes:", 1)[-1]
+    found: dict[str, str] = {}
+    for match in re.finditer(r"^\s{8}([\w, ]+):\s*(.*?)(?=^\s{8}[\w, ]+:|\Z)", section,
+                             re.M | re.S):
+        text = " ".join(match.group(2).split())
+        for name in match.group(1).split(","):
+            found[name.strip()] = text
+    return found
+
+
+def declare_embodiment(node) -> Embodiment:
+    """Declare the embodiment's parameters (all read-only) and build it from their values.
+
+    The parameter `embodiment` holds the `name` field; every other field keeps its name.
+
+    Raises:
+        ValueError: a required one is missing or the description is inconsistent; the message
+            says to pass the embodiment's params file.
+    """
+    from rclpy.exceptions import ParameterUninitializedException
+    from rclpy.parameter import Parameter
+
+    kinds = {str: Parameter.Type.STRING, float: Parameter.Type.DOUBLE,
+             int: Parameter.Type.INTEGER, bool: Parameter.Type.BOOL,
+             list[str]: Parameter.Type.STRING_ARRAY, list[float]: Parameter.Type.DOUBLE_ARRAY}
+    hints = typing.get_type_hints(Embodiment)
+    descriptions = _field_descriptions()
+    values = {}
+    for f in fields(Embodiment):
+        name = "embodiment" if f.name == "name" else f.name
+        kind = kinds[hints[f.name]]
+        text = descriptions.get(f.name, "")
+        required = f.default is MISSING and f.default_factory is MISSING
+        text = f"{text} (embodiment description{', required' if required else ''})"
+        node.declare_parameter(name, kind, descriptor(name, description=text))
+        try:
+            values[name] = node.get_parameter(name).value
+        except ParameterUninitializedException:
+            pass  # optional ones keep the Embodiment default, required ones are named
+    try:
+        return Embodiment.from_parameters(values)
+    except EmbodimentError as error:
+        raise ValueError(f"{error}: pass the embodiment's params file "
+                         "(--params-file config/<embodiment>.yaml)") from error

@@ -1,0 +1,60 @@
+"""Running a node as a process: spin until Ctrl-C or SIGTERM, then shut down cleanly."""
+
+from __future__ import annotations
+
+import signal
+
+
+def run_node(factory, name: str, args: list[str] | None = None,
+             expected_errors: tuple = (ValueError,)) -> int:
+    """Spin the node `factory()` builds until Ctrl-C; returns a process exit code.
+
+    An expected error while building or spinning (bad or out-of-range parameters, a missing
+    simulator) is printed as `name: message` with exit code 1 instead of a traceback. Ctrl-C
+    and SIGTERM end the node cleanly with exit code 0. Under `ros2 launch` a terminal's Ctrl-C
+    reaches the node twice (the terminal's and the one launch forwards): once shutdown has
+    begun, further SIGINT/SIGTERM are ignored, so the worker threads are joined and nothing is
+    interrupted.
+    """
+    import rclpy
+    from rclpy.exceptions import ParameterException
+    from rclpy.executors import ExternalShutdownException
+
+    # rclpy's own handler (installed by init) shuts the context down and then chains to the
+    # Python handler that was in place: this one, which ignores every later SIGINT/SIGTERM
+    # before it raises, so the second Ctrl-C cannot interrupt the shutdown.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    node = None
+    code = 0
+    try:
+        rclpy.init(args=args)
+        node = factory()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (*expected_errors, ParameterException) as error:
+        print(f"{name}: {error}", flush=True)
+        code = 1
+    finally:
+        _ignore_further_signals()
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+def _interrupt(signum, frame):
+    _ignore_further_signals()
+    raise KeyboardInterrupt
+
+
+def _ignore_further_signals() -> None:
+    """Ignore SIGINT/SIGTERM from here on (a pending one is dropped with its handler)."""
+    for _ in range(3):
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:  # a second Ctrl-C landed before the handlers changed
+            continue
