@@ -32,6 +32,20 @@ Usage (from the repository root):
   python benchmarks/bench_inference.py --size full --device cuda:0 --dtype bfloat16 \
       --family qwen3_vl --image-size 448 --instruction-tokens 32 --euler-steps 8
 
+Paths (`--compare eager,compiled`): the same model, the same camera frame(s), instruction, state
+and noise seed, through `TwinBrainVLA.predict_action` (eager: DynamicCache, Python dispatch),
+`InferenceEngine` uncompiled (static: padded buckets, 4-D masks, one function) and
+`InferenceEngine` compiled (torch.compile; CUDA graphs on CUDA). Each path is timed end to end
+(processor included) after its warm-up, which for `compiled` is the compile; the table shows
+per-stage medians where the path has stages, the total's median and p99, the ratio to eager
+and the largest difference of its actions from eager's. `--size mid` is a CPU-sized model with
+8 decoder layers of width 512 per brain; mid and full sizes get the real Qwen tokenizer and an
+image processor of the backbone's patch sizes.
+
+  python benchmarks/bench_inference.py --compare eager,compiled --size tiny --family all
+  python benchmarks/bench_inference.py --compare eager,compiled --size full --device cuda \
+      --dtype bfloat16 --family all --brain-mode all
+
 Random weights do the same arithmetic as trained ones, so the timings hold for real checkpoints
 of the same sizes; the actions themselves are meaningless.
 """
@@ -72,6 +86,7 @@ from twinbrain_ros.model.tiny import make_tiny_checkpoint  # noqa: E402
 from twinbrain_ros.model.twinbrain import BRAIN_MODES, TwinBrainConfig, TwinBrainVLA  # noqa: E402
 
 STAGES = ("preprocess", "vision", "left_brain", "right_brain", "action_expert")
+PATHS = ("eager", "static", "compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EMBODIMENT = "default"  # TwinBrainConfig's default embodiment: state 8, action 7
 
@@ -116,9 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the results to this JSON file")
+    parser.add_argument("--compare", default="", metavar="PATHS",
+                        help="e.g. eager,compiled: run the inference paths side by side in one "
+                             "process through the processor (see 'Paths' above)")
+    parser.add_argument("--cameras", type=int, default=1, help="cameras (with --compare)")
     args = parser.parse_args(argv)
 
-    args.synthetic = args.synthetic or args.size == "full"
+    args.synthetic = args.synthetic or args.size in ("mid", "full")
+    args.compare = [p.strip() for p in args.compare.split(",")] if args.compare else []
+    unknown = sorted(set(args.compare) - set(PATHS))
+    if unknown:
+        parser.error(f"--compare: unknown paths {unknown}; choose from {PATHS}")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     for name, minimum in (("repeats", 1), ("warmup", 0), ("image_size", 32),
@@ -200,6 +223,9 @@ def expert_config(size: str, euler_steps: int) -> ActionExpertConfig:
     """DiT-B (the default) at full size, a small DiT for the tiny backbones."""
     if size == "full":
         return ActionExpertConfig(action_dim=32, num_inference_steps=euler_steps)
+    if size == "mid":
+        return ActionExpertConfig(action_dim=32, hidden_size=384, num_layers=8, num_heads=6,
+                                  num_inference_steps=euler_steps)
     return ActionExpertConfig(action_dim=32, hidden_size=128, num_layers=4, num_heads=4,
                               num_inference_steps=euler_steps)
 
@@ -509,9 +535,113 @@ def print_summary(results: list[dict]) -> None:
 # -- main ---------------------------------------------------------------------------------------
 
 
+# -- side by side: eager, static and compiled paths ----------------------------------------------
+
+
+def attach_processor(model: TwinBrainVLA, family: str, image_size: int) -> None:
+    """A processor for a synthetic model: the real Qwen tokenizer, the backbone's patch sizes."""
+    from twinbrain_ros.model.backbone import QwenVLProcessor
+    from twinbrain_ros.model.tiny import build_image_processor, build_qwen_tokenizer
+
+    geo = vision_geometry(model.right.vlm.config, image_size)
+    processor = build_image_processor(family, max_pixels=geo["side"] ** 2)
+    model.processor = QwenVLProcessor(build_qwen_tokenizer(), processor,
+                                      QWEN_TOKEN_IDS["image_token_id"],
+                                      image_size=(geo["side"], geo["side"]))
+
+
+def compare_one(family: str, brain_mode: str, args, checkpoint: Path | None) -> dict:
+    """Time the inference paths side by side on one model; returns the rows."""
+    from twinbrain_ros.model.engine import InferenceEngine
+
+    device = args.device
+    if args.synthetic:
+        model = build_synthetic_model(family, brain_mode, args)
+        attach_processor(model, family, args.image_size)
+    else:
+        model = build_tiny_model(checkpoint, brain_mode, args)
+    rng = np.random.default_rng(args.seed)
+    spec = model.config.embodiments[EMBODIMENT]
+    state = rng.standard_normal(spec.state_dim).astype(np.float32)
+    side = model.processor.image_size[0]
+    images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+              for _ in range(args.cameras)]
+    instruction = instruction_text(model.processor.tokenizer, args.instruction_tokens)
+    rows, reference = [], None
+    for path in args.compare:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warmup_s = None
+        if path == "eager":
+            def run(timer, model=model):
+                return model.predict_action(images, instruction, state, EMBODIMENT,
+                                            seed=args.seed, timer=timer)
+        else:
+            engine = InferenceEngine(model, num_cameras=args.cameras,
+                                     token_budgets=(max(32, args.instruction_tokens),),
+                                     compile=path == "compiled")
+            tick = time.perf_counter()
+            engine.warmup(EMBODIMENT)
+            synchronize(device)
+            warmup_s = time.perf_counter() - tick
+
+            def run(timer, engine=engine):
+                return engine.predict_action(images, instruction, state, EMBODIMENT,
+                                             seed=args.seed, timer=timer)
+        with torch.inference_mode():
+            for _ in range(args.warmup):
+                run(None)
+            timer = StageTimer(device)
+            for _ in range(args.repeats):
+                run(timer)
+            totals, chunk = [], None
+            for _ in range(args.repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                chunk = run(None)
+                synchronize(device)
+                totals.append(time.perf_counter() - start)
+        chunk = np.asarray(chunk)
+        if reference is None:
+            reference = chunk
+        ms = np.asarray(totals) * 1000.0
+        row = {"family": family, "brain_mode": brain_mode, "path": path,
+               "stages_ms": {k: float(np.median(v) * 1000) for k, v in timer.samples.items()},
+               "median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+               "warmup_s": warmup_s, "max_abs_diff_vs_first": float(np.abs(chunk
+                                                                           - reference).max()),
+               "size": args.size, "dtype": args.dtype, "cameras": args.cameras}
+        if device.type == "cuda":
+            row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append(row)
+    for row in rows:
+        row["speedup_vs_first"] = rows[0]["median_ms"] / row["median_ms"]
+    del model
+    return {"family": family, "brain_mode": brain_mode, "rows": rows}
+
+
+def print_comparison(results: list[dict]) -> None:
+    """One table: paths side by side per model."""
+    columns = ("preprocess", "vision", "left_brain", "right_brain", "action_expert", "model")
+    header = (f"{'family':<12}{'mode':<8}{'path':<10}" + "".join(f"{c[:11]:>12}" for c in columns)
+              + f"{'p50 ms':>9}{'p99 ms':>9}{'ratio':>7}{'warm-up s':>10}{'|diff|':>9}")
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        for r in result["rows"]:
+            cells = "".join(f"{r['stages_ms'][c]:>12.2f}" if c in r["stages_ms"] else f"{'-':>12}"
+                            for c in columns)
+            warm = f"{r['warmup_s']:>10.1f}" if r["warmup_s"] is not None else f"{'-':>10}"
+            print(f"{r['family']:<12}{r['brain_mode']:<8}{r['path']:<10}{cells}"
+                  f"{r['median_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['speedup_vs_first']:>6.2f}x"
+                  f"{warm}{r['max_abs_diff_vs_first']:>9.1e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status."""
     args = parse_args(argv)
+    if args.compare:
+        return main_compare(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -542,6 +672,36 @@ def main(argv: list[str] | None = None) -> int:
                             for k, v in vars(args).items()},
                    "results": results}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def main_compare(args) -> int:
+    """`--compare`: the inference paths side by side."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    families = FAMILIES if args.family == "all" else (args.family,)
+    modes = BRAIN_MODES if args.brain_mode == "all" else (args.brain_mode,)
+    env = environment(args.device)
+    print(f"TwinBrainVLA inference paths side by side: size {args.size}, device {env['device']}, "
+          f"dtype {args.dtype}, batch 1, {args.cameras} camera(s) {args.image_size}x"
+          f"{args.image_size}, {args.instruction_tokens}-token instruction, "
+          f"{args.euler_steps} Euler steps, {args.repeats} timed chunks per path", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="twinbrain_bench_") as tmp:
+        for family in families:
+            checkpoint = None
+            if not args.synthetic:
+                checkpoint = make_tiny_checkpoint(family, Path(tmp) / family, seed=args.seed)
+            for mode in modes:
+                results.append(compare_one(family, mode, args, checkpoint))
+                free_memory(args.device)
+    print_comparison(results)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

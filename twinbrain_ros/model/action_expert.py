@@ -609,12 +609,20 @@ class FlowMatchingActionExpert(nn.Module):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         x = noise.to(device=cond.device, dtype=torch.float32)
-        # Check and norm the conditioning once per chunk, not once per Euler step.
         key_mask = self._check_cond(cond, cond_mask, batch)
+        return self.integrate(x, cond, key_mask, steps)
+
+    def integrate(self, x: torch.Tensor, cond: torch.Tensor, key_mask: torch.Tensor,
+                  steps: int) -> torch.Tensor:
+        """`steps` Euler steps from noise `x` (float32) on checked conditioning; no host sync.
+
+        The whole loop is one traceable function (the compiled inference engine captures it).
+        """
+        # Norm the conditioning and project its keys/values once per chunk, not once per step.
         context = self.cond_norm(cond.to(self._dtype))
         context_kv = self.context_kv(context)
         dt = 1.0 / steps
         for i in range(steps):
-            t = torch.full((batch,), i * dt, device=cond.device, dtype=torch.float32)
+            t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=torch.float32)
             x = x + dt * self._velocity(x, t, context, key_mask, context_kv)
         return x

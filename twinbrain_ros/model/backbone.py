@@ -9,6 +9,7 @@ embeddings so that freezing one brain never freezes a tied head of the other.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -133,6 +134,51 @@ class QwenVLBackbone(nn.Module):
             deepstack = [torch.cat(feat, dim=0) for feat in out.deepstack_features]
         return embeds, deepstack
 
+    def vision_metadata(self, image_grid_thw: torch.Tensor) -> dict:
+        """The vision tower's grid-dependent tensors, computed ahead for a fixed image grid.
+
+        transformers' Qwen vision towers accept these precomputed (the same helper functions
+        compute them inside otherwise); with them the traced tower reads no grid values.
+        """
+        from transformers import vision_utils
+        from transformers.utils.generic import get_max_seqlen
+
+        visual, grid = self.vlm.visual, image_grid_thw
+        meta = {"position_ids": vision_utils.get_vision_position_ids(
+            grid, visual.spatial_merge_size)}
+        cu_seqlens, max_seqlen = vision_utils.get_vision_attention_seqlens(grid, visual.config)
+        meta["cu_seqlens"] = cu_seqlens
+        if max_seqlen is not None:
+            meta["max_seqlen"] = max_seqlen
+        if self.model_type == "qwen2_5_vl":
+            window_index, cu_window = vision_utils.get_vision_window_index(
+                grid, spatial_merge_size=visual.spatial_merge_size,
+                window_size=visual.window_size, patch_size=visual.patch_size)
+            meta.update(window_index=window_index, cu_window_seqlens=cu_window)
+            max_window = get_max_seqlen(cu_window, visual.config)
+            if max_window is not None:
+                meta["max_window_seqlen"] = max_window
+        else:
+            indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+                grid, num_grid_per_side=visual.num_grid_per_side,
+                mode=visual.interpolation_mode, align_corners=visual.interpolation_align_corners,
+                spatial_merge_size=visual.config.spatial_merge_size)
+            meta.update(interp_indices=indices, interp_weights=weights)
+        return meta
+
+    def encode_images_traceable(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                                metadata: dict):
+        """`encode_images` for a fixed grid and its `vision_metadata`, traceable.
+
+        The tower's own forward, without transformers' decorators (torch.compile cannot
+        trace those).
+        """
+        visual = self.vlm.visual
+        forward = inspect.unwrap(type(visual).forward)
+        out = forward(visual, pixel_values.type(visual.dtype), grid_thw=grid_thw, **dict(metadata))
+        deepstack = list(out.deepstack_features) if self.has_deepstack else None
+        return out.pooler_output, deepstack
+
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image tokens written into the `<|image_pad|>` slots."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
@@ -142,6 +188,13 @@ class QwenVLBackbone(nn.Module):
             raise ValueError(
                 f"{int(image_mask.sum())} image placeholder tokens but {image_embeds.shape[0]} "
                 "image features: the processor and the vision tower disagree")
+        return embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+
+    def embed_unchecked(self, input_ids: torch.Tensor, image_embeds: torch.Tensor
+                        ) -> torch.Tensor:
+        """`embed` without the count check (no host read: the engine's shapes are fixed)."""
+        embeds = self.vlm.get_input_embeddings()(input_ids)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
 
     def rope_index(self, inputs: VisionLanguageInputs) -> torch.Tensor:
@@ -162,17 +215,24 @@ class QwenVLBackbone(nn.Module):
         return dataclasses.replace(inputs, position_ids=self.rope_index(inputs))
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past_key_values=None,
-               visual_pos_masks=None, deepstack_embeds=None) -> torch.Tensor:
-        """Run the language model's decoder layers; returns the final-norm hidden states."""
+               visual_pos_masks=None, deepstack_embeds=None, traceable: bool = False
+               ) -> torch.Tensor:
+        """Run the language model's decoder layers; returns the final-norm hidden states.
+
+        `traceable=True` calls the model's own forward without transformers' decorators (output
+        capturing, config defaults), which torch.compile cannot trace through: the same
+        layers, every argument passed explicitly.
+        """
         kwargs = {}
         if self.has_deepstack:
             kwargs = dict(visual_pos_masks=visual_pos_masks,
                           deepstack_visual_embeds=deepstack_embeds)
-        out = self.vlm.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values,
-            use_cache=past_key_values is not None, **kwargs)
-        return out.last_hidden_state
+        model = self.vlm.language_model
+        forward = inspect.unwrap(type(model).forward) if traceable else model.forward.__func__
+        out = forward(model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, past_key_values=past_key_values,
+                      use_cache=past_key_values is not None, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-SIZES = ("tiny", "full")
+SIZES = ("tiny", "mid", "full")
 
 # Special token ids shared by Qwen2.5-VL and Qwen3-VL (their tokenizers agree on these).
 QWEN_TOKEN_IDS = {
@@ -27,7 +27,8 @@ def backbone_config(family: str, size: str = "tiny") -> PretrainedConfig:
 
     Args:
         family: "qwen2_5_vl" or "qwen3_vl".
-        size: "tiny" (a few layers, for tests and CPU demos) or "full" (Qwen2.5-VL-3B or
+        size: "tiny" (a few layers, for tests and CPU demos), "mid" (8 decoder layers of width
+            512: a CPU benchmark with real compute per layer) or "full" (Qwen2.5-VL-3B or
             Qwen3-VL-4B dimensions).
 
     Raises:
@@ -38,12 +39,19 @@ def backbone_config(family: str, size: str = "tiny") -> PretrainedConfig:
     if size not in SIZES:
         raise ValueError(f"unknown backbone size {size!r}; expected one of {SIZES}")
     if family == "qwen2_5_vl":
-        return _qwen2_5_vl(tiny=size == "tiny")
-    return _qwen3_vl(tiny=size == "tiny")
+        return _qwen2_5_vl(size)
+    return _qwen3_vl(size)
 
 
-def _qwen2_5_vl(tiny: bool) -> Qwen2_5_VLConfig:
-    if tiny:
+def _qwen2_5_vl(size: str) -> Qwen2_5_VLConfig:
+    if size == "mid":
+        text = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [8, 12, 12]})
+        vision = dict(depth=8, hidden_size=256, intermediate_size=512, num_heads=4,
+                      out_hidden_size=512, fullatt_block_indexes=[3, 7], window_size=112)
+    elif size == "tiny":
         # head_dim 16 -> sum(mrope_section) must be head_dim // 2 = 8.
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2,
@@ -67,8 +75,16 @@ def _qwen2_5_vl(tiny: bool) -> Qwen2_5_VLConfig:
                             **QWEN_TOKEN_IDS)
 
 
-def _qwen3_vl(tiny: bool) -> Qwen3VLConfig:
-    if tiny:
+def _qwen3_vl(size: str) -> Qwen3VLConfig:
+    if size == "mid":
+        text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                     "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+        vision = dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4,
+                      out_hidden_size=512, deepstack_visual_indexes=[1, 3, 5],
+                      num_position_embeddings=2304)
+    elif size == "tiny":
         # head_dim 16 -> mrope_section sums to 8; deepstack indexes must be < vision depth.
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -37,12 +37,44 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+INFERENCE_MODES = ("auto", "eager", "compiled")
+
+
+def resolve_inference(inference: str, device: torch.device) -> str:
+    """`auto`: the compiled engine on CUDA; eager on the CPU (see the README's benchmark)."""
+    if inference not in INFERENCE_MODES:
+        raise ValueError(f"inference {inference!r} is not one of {INFERENCE_MODES}")
+    if inference == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
+    return inference
+
+
 class PolicyRuntime:
-    """Loads a TwinBrainVLA checkpoint and turns observations into action chunks."""
+    """Loads a TwinBrainVLA checkpoint and turns observations into action chunks.
+
+    Attributes:
+        inference: what runs each chunk: "eager" (`TwinBrainVLA.predict_action`) or "compiled"
+            (`twinbrain_ros.model.engine.InferenceEngine`, warmed up here, before the runtime
+            is returned); a compiled engine that failed falls back to eager, and
+            `inference_state` says so.
+        inference_state: "eager", "compiled", or "fallback to eager: <reason>".
+    """
 
     def __init__(self, checkpoint: str, embodiment: Embodiment, device: str = "auto",
-                 backbone_path: str | None = None, seed: int | None = None):
+                 backbone_path: str | None = None, seed: int | None = None,
+                 inference: str = "auto", max_instruction_tokens: int = 128, log=None):
         """Load the checkpoint on `device` (bf16 on CUDA, fp32 on CPU) and check it fits.
+
+        Args:
+            checkpoint: the checkpoint directory.
+            embodiment: the robot.
+            device: auto, cpu, cuda or cuda:N.
+            backbone_path: override of the checkpoint's backbone directory.
+            seed: seed of the flow-matching noise (None: fresh noise every chunk).
+            inference: auto, eager or compiled (see `resolve_inference`).
+            max_instruction_tokens: the longest instruction; the compiled engine's largest
+                token bucket.
+            log: called with progress lines (compile times, fallbacks).
 
         Raises:
             ValueError: when the checkpoint has no entry for the embodiment's normalization key,
@@ -57,11 +89,43 @@ class PolicyRuntime:
         self.spec = check_compatible(self.model.config.embodiments, embodiment, checkpoint)
         self.horizon = self.model.config.action_expert.horizon
         self.seed = seed
+        self.log = log or (lambda text: None)
+        self.engine = None
+        self.inference = resolve_inference(inference, self.device)
+        self.inference_state = self.inference
+        self.warmup_s = None
+        if self.inference == "compiled":
+            self._build_engine(len(embodiment.image_topics), max_instruction_tokens)
         self.identity = {"checkpoint": str(checkpoint),
                          "backbone": self.model.config.backbone_path,
                          "backbone_type": self.model.right.model_type,
                          "brain_mode": self.model.config.brain_mode,
-                         "embodiment_key": self.key}
+                         "embodiment_key": self.key, "inference": self.inference_state}
+
+    def _build_engine(self, num_cameras: int, max_instruction_tokens: int) -> None:
+        from ..model.engine import DEFAULT_TOKEN_BUDGETS, InferenceEngine
+
+        budgets = sorted({b for b in DEFAULT_TOKEN_BUDGETS if b < max_instruction_tokens}
+                         | {int(max_instruction_tokens)})
+        try:
+            engine = InferenceEngine(self.model, num_cameras=num_cameras,
+                                     token_budgets=tuple(budgets), compile=True, log=self.log)
+            self.log(f"compiling the inference engine: {len(engine.buckets)} bucket(s), "
+                     f"{num_cameras} camera(s), device {self.device}")
+            self.warmup_s = engine.warmup(self.key)
+        except Exception as error:  # noqa: BLE001 - never a dead node: eager still works
+            self.inference = "eager"
+            self.inference_state = (f"fallback to eager: {type(error).__name__}: "
+                                    f"{str(error)[:200]}")
+            self.log(f"the compiled inference engine failed ({type(error).__name__}: "
+                     f"{str(error)[:300]}); running eager")
+            return
+        if engine.state.startswith("fallback"):
+            self.inference_state = engine.state
+        else:
+            self.inference_state = f"compiled (warm-up {self.warmup_s:.1f} s)"
+        self.log(f"inference engine ready in {self.warmup_s:.1f} s: {self.inference_state}")
+        self.engine = engine
 
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """The instruction's token count; `InstructionError` (with a cause) if unusable."""
@@ -70,8 +134,13 @@ class PolicyRuntime:
     def infer(self, observation: Observation) -> ActionChunk:
         """Run the model on one observation; raises ValueError on unusable input."""
         start = time.perf_counter()
-        actions = self.model.predict_action(observation.images, observation.instruction,
-                                            observation.state, self.key, seed=self.seed)
+        predict = self.engine.predict_action if self.engine is not None else \
+            self.model.predict_action
+        actions = predict(observation.images, observation.instruction, observation.state,
+                          self.key, seed=self.seed)
+        if self.engine is not None and self.engine.state.startswith("fallback"):
+            self.inference_state = self.engine.state
+            self.identity["inference"] = self.inference_state
         return ActionChunk(actions=actions, latency_s=time.perf_counter() - start)
 
 

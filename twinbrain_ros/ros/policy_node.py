@@ -65,6 +65,9 @@ _NODE_PARAMETERS = {
     "checkpoint": Param("", "TwinBrainVLA checkpoint directory (required)"),
     "backbone_path": Param("", "override of the base Qwen-VL directory stored in the checkpoint"),
     "device": Param("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
+    "inference": Param("auto", "auto (compiled on CUDA, eager on the CPU), eager, or compiled "
+                               "(static shapes and torch.compile, warmed up before the node "
+                               "reports ready; a compile failure falls back to eager)"),
     "seed": Param(-1, "seed of the flow-matching noise; -1 draws fresh noise every chunk",
                   (-1, 2**31 - 1)),
     "enable_actuation": Param(False, "publish to the controller topics; false sends every "
@@ -122,7 +125,10 @@ class PolicyNode(Node):
                 raise ValueError("parameter 'checkpoint' is required (a checkpoint directory)")
             runtime = PolicyRuntime(p["checkpoint"], self.embodiment, device=p["device"],
                                     backbone_path=p["backbone_path"] or None,
-                                    seed=None if p["seed"] < 0 else int(p["seed"]))
+                                    seed=None if p["seed"] < 0 else int(p["seed"]),
+                                    inference=p["inference"],
+                                    max_instruction_tokens=int(p["max_instruction_tokens"]),
+                                    log=self.get_logger().info)
         self.runtime = runtime
         self.pipeline = PolicyPipeline(runtime, self.embodiment, blend_steps=p["blend_steps"])
         self.period = self.embodiment.dt * max(1, int(p["actions_per_inference"]))
