@@ -29,6 +29,7 @@ setup(
     entry_points={
         "console_scripts": [
             "policy_node = twinbrain_ros.ros.policy_node:main",
+            "policy_server = twinbrain_ros.serving.server:main",
             "make_tiny_checkpoint = twinbrain_ros.model.tiny:main",
             "demo = twinbrain_ros.demo:main",
             "train = twinbrain_ros.train:main",

@@ -3,12 +3,15 @@
     ros2 launch twinbrain_ros policy.launch.py embodiment:=widowx checkpoint:=/path/to/ckpt
     ros2 launch twinbrain_ros policy.launch.py embodiment:=gr1 checkpoint:=/path/to/ckpt
         device:=cuda enable_actuation:=true    (one command line)
+    ros2 launch twinbrain_ros policy.launch.py embodiment:=widowx server:=gpu-box:8765
+        (the model runs on a policy server; this machine needs no torch)
     ros2 launch twinbrain_ros policy.launch.py --show-args
 
 Parameters come from `params_file` (by default the package's `config/<embodiment>.yaml`), then
-the launch arguments below override `checkpoint`, `device`, `use_sim_time` and
-`enable_actuation`. Without `checkpoint` the node exits with "parameter 'checkpoint' is
-required". Trajectories go to the dry-run topic unless `enable_actuation:=true`.
+the launch arguments below override `checkpoint`, `server`, `server_token_file`, `device`,
+`use_sim_time` and `enable_actuation`. Without `checkpoint` or `server` the node exits with
+"parameter 'checkpoint' is required". Trajectories go to the dry-run topic unless
+`enable_actuation:=true`.
 """
 
 from launch import LaunchDescription
@@ -37,6 +40,13 @@ def generate_launch_description():
                            TextSubstitution(text=".yaml")],
             description="policy_node parameter file (embodiment description and defaults)"),
         DeclareLaunchArgument(
+            "server", default_value="",
+            description="HOST:PORT of a policy server (ros2 run twinbrain_ros policy_server) to "
+                        "send observations to instead of loading a checkpoint"),
+        DeclareLaunchArgument(
+            "server_token_file", default_value="",
+            description="file with the token the policy server requires"),
+        DeclareLaunchArgument(
             "device", default_value="auto",
             description="torch device: auto, cpu, cuda or cuda:N"),
         DeclareLaunchArgument(
@@ -57,6 +67,9 @@ def generate_launch_description():
                 {
                     "checkpoint": ParameterValue(LaunchConfiguration("checkpoint"),
                                                  value_type=str),
+                    "server": ParameterValue(LaunchConfiguration("server"), value_type=str),
+                    "server_token_file": ParameterValue(LaunchConfiguration("server_token_file"),
+                                                        value_type=str),
                     "device": ParameterValue(LaunchConfiguration("device"), value_type=str),
                     "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"),
                                                    value_type=bool),

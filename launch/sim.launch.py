@@ -7,10 +7,11 @@
 
 The bridge publishes simulated time on /clock and the policy node uses it; the policy node's
 actuation is enabled (the simulated controllers are its only listeners). The policy node is
-started by including `policy.launch.py`: its wiring exists once. Episodes: the first
-starts on launch, later ones on `/sim/reset` (see `twinbrain_ros.ros.sim_bridge`) or
-automatically with `auto_reset:=true`; `ros2 run twinbrain_ros evaluate --policy external`
-runs a success-rate evaluation against these nodes.
+started by including `policy.launch.py`: its wiring exists once. Episodes: the first starts
+once the policy node reports ready on /policy/ready (its model loaded; the bridge logs while it
+waits), later ones on `/sim/reset` (see `twinbrain_ros.ros.sim_bridge`) or automatically with
+`auto_reset:=true`; `ros2 run twinbrain_ros evaluate --policy external` runs a success-rate
+evaluation against these nodes.
 """
 
 from launch import LaunchDescription
@@ -20,6 +21,7 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import (
     LaunchConfiguration,
     PathJoinSubstitution,
+    PythonExpression,
     TextSubstitution,
     ThisLaunchFileDir,
 )
@@ -75,6 +77,11 @@ def generate_launch_description():
             "real_time_factor": _typed("real_time_factor", float),
             "auto_reset": _typed("auto_reset", bool),
             "start_episode": _typed("start_episode", bool),
+            # A policy node is started unless the expert drives: the first episode waits until
+            # it has loaded its model.
+            "wait_for_policy": ParameterValue(
+                PythonExpression(["'", LaunchConfiguration("expert"),
+                                  "'.lower() not in ('true', '1')"]), value_type=bool),
         }],
     )
     policy = IncludeLaunchDescription(

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,3 +289,53 @@ def test_overfits_fixed_batch():
     # Measured ~0.15 across seeds 0-14 (worst 0.21); an untrained expert gives ~1.1.
     assert mae < 0.3
     assert mae < 0.4 * spread
+
+
+# ------------------------------------------------------------------------- real-time chunking
+
+
+def test_rtc_weights_schedules():
+    from twinbrain_ros.model.rtc import rtc_weights
+
+    exp = rtc_weights(10, frozen=3, overlap=7, schedule="exp")
+    assert exp[:3].tolist() == [1.0, 1.0, 1.0]
+    assert exp[7:].tolist() == [0.0, 0.0, 0.0]
+    ramp = exp[3:7]
+    assert (ramp > 0).all() and (ramp < 1).all() and (np.diff(ramp) < 0).all()
+    linear = rtc_weights(10, 3, 7, "linear")
+    assert np.allclose(linear[3:7], [4 / 5, 3 / 5, 2 / 5, 1 / 5])
+    assert (exp[3:7] < linear[3:7]).all()  # the soft mask falls faster than the line
+    hard = rtc_weights(10, 3, 7, "hard")
+    assert hard.tolist() == [1.0] * 3 + [0.0] * 7
+    # The overlap bounds the frozen part, the horizon bounds both.
+    assert rtc_weights(5, frozen=9, overlap=3).tolist() == [1, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="schedule"):
+        rtc_weights(5, 1, 2, "cosine")
+
+
+def test_rtc_sampler_reproduces_the_frozen_prefix_and_guides_the_overlap():
+    from twinbrain_ros.model.rtc import rtc_weights
+
+    expert = make_expert().eval()
+    _, _, cond, cond_mask, _, _ = make_inputs()
+    noise = torch.randn(BATCH, 8, 7, generator=torch.Generator().manual_seed(5))
+    plain = expert.sample(cond, cond_mask, noise=noise)
+    # A previous plan that disagrees with what the model would do on its own.
+    prefix = torch.rand(BATCH, 8, 7, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    weights = torch.from_numpy(rtc_weights(8, frozen=2, overlap=6))[None, :, None]
+    guided = expert.sample(cond, cond_mask, noise=noise, prefix=prefix, prefix_weights=weights)
+    assert torch.equal(guided[:, :2], prefix[:, :2])           # frozen: exactly the old plan
+    assert not torch.allclose(guided[:, :2], plain[:, :2], atol=1e-2)
+    # Over the guided overlap the chunk is pulled towards the old plan, more where w is larger.
+    gap_plain = (plain - prefix).abs().mean(dim=(0, 2))
+    gap_guided = (guided - prefix).abs().mean(dim=(0, 2))
+    assert (gap_guided[2:5] < gap_plain[2:5]).all()
+    # The free tail is still the model's: it differs from the plain chunk (it attends to the
+    # inpainted actions) but is not pulled onto the prefix.
+    assert not torch.allclose(guided[:, 6:], plain[:, 6:])
+    # Zero weights everywhere: the plain sampler exactly.
+    zero = expert.sample(cond, cond_mask, noise=noise, prefix=prefix,
+                         prefix_weights=torch.zeros(1, 8, 1))
+    assert torch.equal(zero, plain)
+    with pytest.raises(ValueError, match="together"):
+        expert.sample(cond, cond_mask, noise=noise, prefix=prefix)

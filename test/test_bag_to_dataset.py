@@ -180,14 +180,17 @@ def test_image_key_from_topic():
     assert image_key_for_topic("/wrist/color/image/") == "observation.images.wrist_color_image"
 
 
-@pytest.mark.parametrize(("storage", "version"), [("mcap", "v2.1"), ("sqlite3", "v3.0")])
+# None: no --format given, LeRobot's current v3.0 is written.
+@pytest.mark.parametrize(("storage", "version"), [("mcap", "v2.1"), ("sqlite3", "v3.0"),
+                                                  ("mcap", None)])
 def test_round_trip_two_instructions_two_episodes(tmp_path, gr1, storage, version, capsys):
     from twinbrain_ros.data.lerobot import LeRobotDataset
 
     bag = write_bag(tmp_path / "bag", storage)
     out = tmp_path / "dataset"
     code = main([str(bag), "--out", str(out), "--embodiment", "gr1", "--fps", str(FPS),
-                 "--format", version, "--no-videos"])
+                 *(["--format", version] if version else []), "--no-videos"])
+    version = version or "v3.0"
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert f"({storage}," in printed.out and "2 episodes, 40 frames" in printed.out

@@ -157,13 +157,19 @@ def test_statistics_with_nan_are_refused(saved, tmp_path):
         load_checkpoint(copy)
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json", "config.json"])
-def test_a_truncated_backbone_file_is_named(saved, tmp_path, tiny_backbones, damaged):
+@pytest.mark.parametrize(("damaged", "how"), [
+    ("model.safetensors", "truncated"), ("tokenizer.json", "truncated"),
+    ("config.json", "truncated"), ("tokenizer.json", "garbled in the middle")])
+def test_a_damaged_backbone_file_is_named(saved, tmp_path, tiny_backbones, damaged, how):
     from twinbrain_ros.model.backbone import BackboneError
 
     backbone = tmp_path / "backbone"
     shutil.copytree(tiny_backbones["qwen2_5_vl"], backbone)
     data = (backbone / damaged).read_bytes()
-    (backbone / damaged).write_bytes(data[: len(data) // 2])
+    if how == "truncated":
+        (backbone / damaged).write_bytes(data[: len(data) // 2])
+    else:  # both ends intact: only parsing the whole file finds it
+        middle = len(data) // 2
+        (backbone / damaged).write_bytes(data[:middle] + b'"}}]{{' + data[middle + 6:])
     with pytest.raises((CheckpointError, BackboneError), match=f"{backbone / damaged}"):
         load_checkpoint(saved[1], backbone_path=backbone)

@@ -153,13 +153,15 @@ def test_declared_arguments_and_defaults():
     from launch.utilities import perform_substitutions
 
     arguments = {a.name: a for a in _launch_description().get_launch_arguments()}
-    assert list(arguments) == ["embodiment", "checkpoint", "params_file", "device",
-                               "use_sim_time", "enable_actuation"]
+    assert list(arguments) == ["embodiment", "checkpoint", "params_file", "server",
+                               "server_token_file", "device", "use_sim_time",
+                               "enable_actuation"]
     assert all(a.description.strip() for a in arguments.values())
     defaults = {name: perform_substitutions(LaunchContext(), a.default_value)
                 for name, a in arguments.items() if name != "params_file"}
-    assert defaults == {"embodiment": "widowx", "checkpoint": "", "device": "auto",
-                        "use_sim_time": "false", "enable_actuation": "false"}
+    assert defaults == {"embodiment": "widowx", "checkpoint": "", "server": "",
+                        "server_token_file": "", "device": "auto", "use_sim_time": "false",
+                        "enable_actuation": "false"}
     assert list(arguments["embodiment"].choices) == ["widowx", "gr1"]
     for path in (REPO / "config" / "widowx.yaml", REPO / "config" / "gr1.yaml"):
         assert path.is_file()
@@ -171,8 +173,9 @@ def test_default_params_file_is_the_installed_widowx_config(prefix):
     assert "__node:=policy_node" in command
     files = _params_files(command)
     assert files[0] == str(prefix / "share" / PACKAGE / "config" / "widowx.yaml")
-    assert _overrides(files[1]) == {"checkpoint": "", "device": "auto",
-                                    "use_sim_time": False, "enable_actuation": False}
+    assert _overrides(files[1]) == {"checkpoint": "", "server": "", "server_token_file": "",
+                                    "device": "auto", "use_sim_time": False,
+                                    "enable_actuation": False}
 
 
 def test_gr1_arguments_reach_the_node_typed(prefix):
@@ -184,8 +187,8 @@ def test_gr1_arguments_reach_the_node_typed(prefix):
     assert yaml.safe_load(Path(files[0]).read_text())["policy_node"]["ros__parameters"][
         "embodiment"] == "gr1"
     overrides = _overrides(files[1])
-    assert overrides == {"checkpoint": "/tmp/ck", "device": "cpu",
-                         "use_sim_time": True, "enable_actuation": True}
+    assert overrides == {"checkpoint": "/tmp/ck", "server": "", "server_token_file": "",
+                         "device": "cpu", "use_sim_time": True, "enable_actuation": True}
     assert overrides["enable_actuation"] is True and overrides["use_sim_time"] is True
 
 
@@ -327,16 +330,19 @@ def test_sim_launch_starts_the_bridge_and_an_actuated_sim_time_policy_node(prefi
     assert bridge["embodiment"] == "gr1" and bridge["task"] == "pick_place_can"
     assert bridge["seed"] == 7 and bridge["image_width"] == 128 and bridge["image_height"] == 128
     assert bridge["real_time_factor"] == 2.0 and bridge["expert"] is False
+    assert bridge["wait_for_policy"] is True   # no episode before the policy is ready
     files = _params_files(nodes["policy_node"])
     assert files[0].endswith(os.path.join("share", PACKAGE, "config", "gr1.yaml"))
-    assert _overrides(files[1]) == {"checkpoint": "/tmp/ck", "device": "auto",
+    assert _overrides(files[1]) == {"checkpoint": "/tmp/ck", "server": "",
+                                    "server_token_file": "", "device": "auto",
                                     "use_sim_time": True, "enable_actuation": True}
 
 
 def test_sim_launch_with_the_expert_starts_no_policy_node(prefix):
     nodes = _sim_launch(expert="true")
     assert list(nodes) == ["sim_bridge"]
-    assert _overrides(_params_files(nodes["sim_bridge"])[0])["expert"] is True
+    bridge = _overrides(_params_files(nodes["sim_bridge"])[0])
+    assert bridge["expert"] is True and bridge["wait_for_policy"] is False
 
 
 @pytest.mark.ros
@@ -350,3 +356,8 @@ def test_sim_launch_runs_an_expert_episode(prefix, ros_env, tmp_path):
     finally:
         run.stop()
     assert ended, run.text()
+
+
+def test_server_argument_makes_the_node_a_client(prefix):
+    overrides = _overrides(_params_files(_resolve(server="gpu-box:8765"))[1])
+    assert overrides["server"] == "gpu-box:8765" and overrides["checkpoint"] == ""

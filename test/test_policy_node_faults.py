@@ -140,6 +140,8 @@ class Harness:
         return {}
 
     def close(self):
+        if not self._spinning:
+            return
         self._spinning = False
         self.thread.join(timeout=10)
         self.policy.destroy_node()
@@ -419,3 +421,57 @@ def test_an_out_of_range_parameter_is_refused_at_start(ros_env, tmp_path, tiny_b
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text
     assert "actions_per_inference" in text and "Traceback" not in text
+
+
+def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(harness_factory,
+                                                                         gr1_runtime, tmp_path):
+    pytest.importorskip("rerun", reason="recordings need rerun-sdk")
+    from rerun.chunk import RrdReader
+
+    class PrefixLog:
+        """The real runtime, noting the prefix of every chunk."""
+
+        def __init__(self, runtime):
+            self.runtime, self.prefixes = runtime, []
+            self.identity, self.horizon = runtime.identity, runtime.horizon
+
+        def check_instruction(self, text, max_tokens):
+            return self.runtime.check_instruction(text, max_tokens)
+
+        def infer(self, observation, prefix=None):
+            self.prefixes.append(prefix)
+            return self.runtime.infer(observation, prefix=prefix)
+
+    record = tmp_path / "recordings"
+    runtime = PrefixLog(gr1_runtime)
+    # Replanning every 4 of the 8 actions leaves an overlap to inpaint.
+    h = harness_factory(runtime, chunk_transition="rtc", inference_delay_s=0.2,
+                        actions_per_inference=4, record_path=str(record))
+
+    def following():
+        # The robot follows its commands: where the newest trajectory starts.
+        if h.controller:
+            h.state = np.array(h.controller[-1].points[0].positions)
+        return sum(p is not None for p in runtime.prefixes) >= 2
+
+    assert h.run_until(following, 60)
+    guided = [p for p in runtime.prefixes if p is not None]
+    # 0.2 s of delay at 20 Hz: at least four actions execute while the model runs, all of the
+    # overlap when it is shorter.
+    assert all(p.frozen >= min(4, len(p.actions)) and p.frozen >= 1 for p in guided)
+    assert h.run_until(lambda: "rtc_expected_latency_s" in h.values(), 10)
+    cycles = list(h.policy.cycles)
+    assert cycles and all(c["published"] - c["started"] >= 0.2 for c in cycles)
+    values = h.values()
+    assert values["chunk_transition"] == "rtc"
+    assert float(values["rtc_expected_latency_s"]) >= 0.2
+    assert "plan_left_total" in values
+    # A new instruction starts a new recording.
+    assert h.run_until(lambda: len(h.controller) >= 5, 30, text="put the cup down")
+    h.close()
+    files = sorted(record.glob("*.rrd"))
+    assert [f.name[:5] for f in files] == ["0001_", "0002_"]
+    assert "pick_up_the_red_cup" in files[0].name and "put_the_cup_down" in files[1].name
+    paths = set(RrdReader(str(files[0])).store().schema().entity_paths())
+    assert {"/instruction", "/camera/0", "/joints/measured", "/joints/sent",
+            "/chunks/0000", "/timing/observation_to_plan_s"} <= paths

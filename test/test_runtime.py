@@ -25,7 +25,8 @@ def test_a_robot_with_reordered_or_renamed_joints_is_refused():
     reordered = dataclasses.replace(gr1, joint_names=gr1.joint_names[1:] + gr1.joint_names[:1])
     with pytest.raises(ValueError, match="differ in .*'joint_names'"):
         check_compatible({"gr1": spec}, reordered, "ck")
-    renamed = dataclasses.replace(gr1, joint_names=["left_" + n for n in gr1.joint_names])
+    renamed = dataclasses.replace(gr1, joint_names=["left_" + n for n in gr1.joint_names],
+                                  grasp_joints=["left_" + n for n in gr1.grasp_joints])
     with pytest.raises(ValueError, match="'joint_names'.*'action_names'"):
         check_compatible({"gr1": spec}, renamed, "ck")
     two_cameras = dataclasses.replace(gr1, image_topics=["/a", "/b"])

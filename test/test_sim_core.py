@@ -115,6 +115,7 @@ def test_recorded_demonstrations_are_a_lerobot_dataset(tmp_path):
     assert report.recorded == 2 and report.failed_seeds == []
     widowx = Embodiment.load("widowx")
     dataset = LeRobotDataset(tmp_path / "demos", horizon=4, embodiment=widowx)
+    assert dataset.version == "v3.0"  # LeRobot's current format unless asked otherwise
     assert dataset.num_episodes == 2 and len(dataset) == report.frames
     sample = dataset[0]
     assert sample["images"][0].shape == (64, 64, 3)

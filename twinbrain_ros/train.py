@@ -483,6 +483,11 @@ def restore_optimizer(model, optimizer, scheduler, state: dict) -> tuple[int, li
 
 def train(config: TrainConfig) -> Path | None:
     """Run training; returns the last checkpoint directory (on the main process)."""
+    if not config.backbone_path:
+        raise ValueError("backbone_path is required: the directory of the base Qwen2.5-VL or "
+                         "Qwen3-VL checkpoint both brains start from (a local Hugging Face "
+                         "checkpoint, e.g. backbone_path=/models/Qwen3-VL-4B-Instruct; "
+                         "`ros2 run twinbrain_ros make_tiny_checkpoint` writes a tiny one)")
     dist = init_distributed()
     torch.manual_seed(config.seed)
     datasets, mixture, norm_stats = build_data(config)

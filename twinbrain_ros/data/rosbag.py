@@ -815,7 +815,7 @@ def _storage(path: Path) -> str:
 
 
 def convert_bags(bags: Sequence[str | Path], out: str | Path, embodiment: Embodiment,
-                 options: ConversionOptions | None = None, version: str = "v2.1",
+                 options: ConversionOptions | None = None, version: str = "v3.0",
                  use_videos: bool = True) -> tuple[Path, list[BagReport]]:
     """Convert rosbag2 recordings into a LeRobot dataset at `out`.
 

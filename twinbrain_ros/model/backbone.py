@@ -51,10 +51,16 @@ def read_backbone_config(path: str | Path) -> dict:
     return config
 
 
-def check_backbone_files(path: str | Path, weights: bool = True) -> None:
+QUICK_JSON_BYTES = 1 << 20  # larger JSON files (tokenizer.json) are checked at both ends only
+
+
+def check_backbone_files(path: str | Path, weights: bool = True, full: bool = False) -> None:
     """Open every JSON file (and safetensors header) of a checkpoint directory.
 
     transformers and tokenizers report a truncated file without its name; this names it.
+    JSON files above `QUICK_JSON_BYTES` are only checked to begin with '{' and end with '}'
+    (a truncated one does not), unless `full`: parsing the 7 MB Qwen tokenizer.json costs
+    about a second, and the tokenizer parses it anyway (a failure there runs the full check).
 
     Raises:
         BackboneError: naming the first unreadable file.
@@ -64,7 +70,16 @@ def check_backbone_files(path: str | Path, weights: bool = True) -> None:
     path = Path(path)
     for file in sorted(path.glob("*.json")):
         try:
-            json.loads(file.read_text(encoding="utf-8"))
+            if not full and file.stat().st_size > QUICK_JSON_BYTES:
+                with open(file, "rb") as handle:
+                    head = handle.read(64).lstrip()
+                    handle.seek(-64, 2)
+                    tail = handle.read().rstrip()
+                if not (head.startswith(b"{") and tail.endswith(b"}")):
+                    raise json.JSONDecodeError("the file does not end its top-level object",
+                                               tail.decode("utf-8", "replace"), len(tail))
+            else:
+                json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             raise BackboneError(f"{file} is unreadable (truncated or corrupt?): {exc}") from exc
     if not weights:
@@ -306,7 +321,8 @@ class QwenVLProcessor:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             image_processor = AutoImageProcessor.from_pretrained(
                 str(path), backend="pil", local_files_only=True)
-        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception types
+            check_backbone_files(path, weights=False, full=True)  # names a corrupt file
             raise BackboneError(f"cannot load the tokenizer or image processor in {path}: "
                                 f"{exc}") from exc
         return cls(tokenizer, image_processor, config["image_token_id"], image_size=image_size)

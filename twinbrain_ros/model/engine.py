@@ -195,9 +195,12 @@ class InferenceEngine:
     @torch.no_grad()
     def predict_action(self, images: list[np.ndarray], instruction: str, state: np.ndarray,
                        embodiment: str, seed: int | None = None, timer=None,
-                       noise: torch.Tensor | None = None, bucket: _Bucket | None = None
-                       ) -> np.ndarray:
+                       noise: torch.Tensor | None = None, bucket: _Bucket | None = None,
+                       prefix=None) -> np.ndarray:
         """One action chunk (horizon, action_dim) in raw units, as `TwinBrainVLA.predict_action`.
+
+        `prefix` (a `ChunkPrefix`): real-time chunking. The traced function always takes a
+        prefix and its weights (zeros without one), so both kinds of chunk share one graph.
 
         Raises:
             InstructionError: the instruction does not fit the largest bucket.
@@ -236,9 +239,14 @@ class InferenceEngine:
                 expert = model.config.action_expert
                 noise = torch.randn((1, expert.horizon, expert.action_dim), device=device,
                                     dtype=torch.float32, generator=generator)
+            guided = model.prefix_tensors([prefix], embodiment, 1)
+            if guided is None:
+                expert = model.config.action_expert
+                guided = (torch.zeros(1, expert.horizon, expert.action_dim),) * 2
             args = (input_ids.to(device), inputs.pixel_values.to(device, dtype),
                     *(t.to(device) for t in layout),
-                    padded.to(device), mask.to(device), noise.to(device))
+                    padded.to(device), mask.to(device), noise.to(device),
+                    guided[0].to(device), guided[1].to(device))
         with timer("model"):
             chunk = self._run(bucket, embodiment, args)
         chunk = chunk[0, :, :spec.action_dim].float().cpu().numpy()
@@ -338,7 +346,7 @@ class InferenceEngine:
 
         def forward(input_ids, pixel_values, positions, right_positions, left_mask, right_mask,
                     right_self_mask, right_valid, visual, right_visual, state, state_mask,
-                    noise):
+                    noise, prefix, prefix_weights):
             cache = None
             if left is not None:
                 left_images, left_deepstack = left.encode_images_traceable(pixel_values, grid,
@@ -360,7 +368,7 @@ class InferenceEngine:
                                   right_positions, past_key_values=cache,
                                   visual_pos_masks=right_visual, deepstack_embeds=deepstack,
                                   traceable=True)
-            return expert.integrate(noise, hidden, right_valid, steps)
+            return expert.integrate(noise, hidden, right_valid, steps, prefix, prefix_weights)
 
         return forward
 

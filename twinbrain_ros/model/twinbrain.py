@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from .action_expert import ActionExpertConfig, FlowMatchingActionExpert
 from .backbone import QwenVLBackbone, QwenVLProcessor, VisionLanguageInputs, load_vlm
 from .normalization import EmbodimentNormStats, NormStats
+from .rtc import ChunkPrefix, rtc_weights
 
 BRAIN_MODES = ("twin", "single")
 
@@ -39,7 +40,7 @@ class EmbodimentSpec:
     """What the model needs to know of an embodiment, and the robot it was trained for.
 
     The names travel with the checkpoint so that a robot whose joints are named or ordered
-    differently is refused (`twinbrain_ros.policy.runtime.check_compatible`); they are empty in
+    differently is refused (`twinbrain_ros.policy.contract.check_contract`); they are empty in
     checkpoints written before they were recorded.
     """
 
@@ -51,6 +52,7 @@ class EmbodimentSpec:
     joint_names: list[str] = field(default_factory=list)    # state order
     action_names: list[str] = field(default_factory=list)   # action vector entries
     num_cameras: int = 0                   # images per observation (0: not recorded)
+    control_rate_hz: float = 0.0           # rate of the chunk's actions (0: not recorded)
 
 
 @dataclass
@@ -336,13 +338,19 @@ class TwinBrainVLA(nn.Module):
     def sample_actions(self, inputs: VisionLanguageInputs, state: torch.Tensor,
                        state_mask: torch.Tensor, embodiments: list[str],
                        num_steps: int | None = None, generator: torch.Generator | None = None,
-                       noise: torch.Tensor | None = None, timer=None) -> torch.Tensor:
-        """Normalized action chunks (B, horizon, max action_dim) by Euler integration."""
+                       noise: torch.Tensor | None = None, timer=None,
+                       prefix: torch.Tensor | None = None,
+                       prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized action chunks (B, horizon, max action_dim) by Euler integration.
+
+        `prefix` and `prefix_weights`: real-time chunking (`FlowMatchingActionExpert.sample`).
+        """
         timer = timer or _NO_TIMER
         hidden, mask = self.encode(inputs, state, state_mask, embodiments, timer=timer)
         with timer("action_expert"):
             return self.action_expert.sample(hidden, mask, num_steps=num_steps, noise=noise,
-                                             generator=generator)
+                                             generator=generator, prefix=prefix,
+                                             prefix_weights=prefix_weights)
 
     # -- one observation, raw units ------------------------------------------------------------
 
@@ -359,7 +367,7 @@ class TwinBrainVLA(nn.Module):
     @torch.no_grad()
     def predict_action(self, images: list[np.ndarray], instruction: str, state: np.ndarray,
                        embodiment: str, seed: int | None = None, num_steps: int | None = None,
-                       timer=None) -> np.ndarray:
+                       timer=None, prefix: ChunkPrefix | None = None) -> np.ndarray:
         """One action chunk (horizon, action_dim) in raw units for one observation.
 
         Args:
@@ -370,33 +378,93 @@ class TwinBrainVLA(nn.Module):
             seed: seed of the initial noise; the same seed gives the same chunk.
             num_steps: Euler steps (default: the config's).
             timer: optional `StageTimer`.
+            prefix: the previous plan's overlap, for real-time chunking (None: plain sampling).
+        """
+        return self.predict_action_batch([images], [instruction], [state], embodiment,
+                                         [seed], num_steps=num_steps, timer=timer,
+                                         prefixes=[prefix])[0]
+
+    @torch.no_grad()
+    def predict_action_batch(self, images: list[list[np.ndarray]], instructions: list[str],
+                             states: list[np.ndarray], embodiment: str,
+                             seeds: list[int | None], num_steps: int | None = None,
+                             timer=None, prefixes: list[ChunkPrefix | None] | None = None
+                             ) -> list[np.ndarray]:
+        """Action chunks for several observations of one embodiment in one forward pass.
+
+        Sample i gets exactly the noise `predict_action` draws for its own seed, so a batched
+        observation gets the chunk it would get alone (up to the arithmetic of left padding).
+        `prefixes` (one per observation, None for plain sampling) turn on real-time chunking.
         """
         if self.processor is None:
             raise RuntimeError("this model has no processor (built without a checkpoint dir)")
         if embodiment not in self.config.embodiments:
             raise KeyError(f"unknown embodiment {embodiment!r}; the model knows "
                            f"{sorted(self.config.embodiments)}")
+        if not (len(images) == len(instructions) == len(states) == len(seeds)) or not images:
+            raise ValueError("images, instructions, states and seeds must be equally long and "
+                             "non-empty")
         spec = self.config.embodiments[embodiment]
         stats = self.norm_stats[embodiment]
-        state = np.asarray(state, dtype=np.float32)
-        if state.shape != (spec.state_dim,):
-            raise ValueError(f"embodiment {embodiment!r} expects a state of shape "
-                             f"({spec.state_dim},), got {state.shape}")
-        if not np.isfinite(state).all():
-            raise ValueError("state contains non-finite values")
+        normalized = []
+        for state in states:
+            state = np.asarray(state, dtype=np.float32)
+            if state.shape != (spec.state_dim,):
+                raise ValueError(f"embodiment {embodiment!r} expects a state of shape "
+                                 f"({spec.state_dim},), got {state.shape}")
+            if not np.isfinite(state).all():
+                raise ValueError("state contains non-finite values")
+            normalized.append(stats.state.normalize(state))
         timer = timer or _NO_TIMER
         device = self.device
         with timer("preprocess"):
-            inputs = self.processor([list(images)], [instruction])
+            inputs = self.processor([list(sample) for sample in images], list(instructions))
             inputs = self.right.with_positions(inputs).to(device, self.dtype)
-            padded, mask = self.pad_state(stats.state.normalize(state)[None])
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        chunk = self.sample_actions(inputs, padded.to(device), mask.to(device), [embodiment],
-                                    num_steps=num_steps, generator=generator, timer=timer)
-        chunk = chunk[0, :, :spec.action_dim].float().cpu().numpy()
-        return stats.action.unnormalize(chunk)
+            padded, mask = self.pad_state(np.stack(normalized))
+        expert = self.config.action_expert
+        shape = (1, expert.horizon, expert.action_dim)
+        noise = torch.cat([
+            torch.randn(shape, device=device, dtype=torch.float32, generator=None if seed is None
+                        else torch.Generator(device=device).manual_seed(int(seed)))
+            for seed in seeds])
+        guided = self.prefix_tensors(prefixes, embodiment, len(images))
+        chunks = self.sample_actions(inputs, padded.to(device), mask.to(device),
+                                     [embodiment] * len(images), num_steps=num_steps,
+                                     noise=noise, timer=timer,
+                                     **({} if guided is None else
+                                        {"prefix": guided[0].to(device),
+                                         "prefix_weights": guided[1].to(device)}))
+        chunks = chunks[:, :, :spec.action_dim].float().cpu().numpy()
+        return [stats.action.unnormalize(chunk) for chunk in chunks]
+
+
+    def prefix_tensors(self, prefixes: list[ChunkPrefix | None] | None, embodiment: str,
+                       batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Normalized (B, horizon, max action_dim) prefixes and weights; None if none given.
+
+        An observation without a prefix gets weights 0 (its plain chunk).
+        """
+        if prefixes is None or all(p is None for p in prefixes):
+            return None
+        if len(prefixes) != batch:
+            raise ValueError(f"{len(prefixes)} prefixes for {batch} observations")
+        spec = self.config.embodiments[embodiment]
+        stats = self.norm_stats[embodiment]
+        expert = self.config.action_expert
+        values = torch.zeros(batch, expert.horizon, expert.action_dim)
+        weights = torch.zeros(batch, expert.horizon, expert.action_dim)
+        for i, prefix in enumerate(prefixes):
+            if prefix is None:
+                continue
+            if prefix.actions.shape[1] != spec.action_dim:
+                raise ValueError(f"embodiment {embodiment!r} has {spec.action_dim} action "
+                                 f"dims; the prefix has {prefix.actions.shape[1]}")
+            overlap = min(len(prefix.actions), expert.horizon)
+            values[i, :overlap, :spec.action_dim] = torch.from_numpy(
+                stats.action.normalize(prefix.actions[:overlap]).astype(np.float32))
+            ramp = rtc_weights(expert.horizon, prefix.frozen, overlap, prefix.schedule)
+            weights[i, :, :spec.action_dim] = torch.from_numpy(ramp)[:, None]
+        return values, weights
 
 
 class _NullTimer:

@@ -6,25 +6,16 @@ The same object serves the ROS policy node, evaluation loops and tests.
 from __future__ import annotations
 
 import time
-import warnings
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..model.checkpoint import load_checkpoint
+from ..model.rtc import ChunkPrefix
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
+from .contract import ActionChunk, check_contract
 
 __all__ = ["ActionChunk", "Observation", "PolicyRuntime", "check_compatible", "resolve_device"]
-
-
-@dataclass
-class ActionChunk:
-    """The model's answer to one observation."""
-
-    actions: np.ndarray        # (horizon, action_dim) in raw units
-    latency_s: float           # model time for this chunk
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,13 +122,16 @@ class PolicyRuntime:
         """The instruction's token count; `InstructionError` (with a cause) if unusable."""
         return self.model.processor.check_instruction(instruction, max_tokens)
 
-    def infer(self, observation: Observation) -> ActionChunk:
-        """Run the model on one observation; raises ValueError on unusable input."""
+    def infer(self, observation: Observation, prefix: ChunkPrefix | None = None) -> ActionChunk:
+        """Run the model on one observation; raises ValueError on unusable input.
+
+        `prefix`: the previous plan's overlap in raw action units, for real-time chunking.
+        """
         start = time.perf_counter()
         predict = self.engine.predict_action if self.engine is not None else \
             self.model.predict_action
         actions = predict(observation.images, observation.instruction, observation.state,
-                          self.key, seed=self.seed)
+                          self.key, seed=self.seed, prefix=prefix)
         if self.engine is not None and self.engine.state.startswith("fallback"):
             self.inference_state = self.engine.state
             self.identity["inference"] = self.inference_state
@@ -147,33 +141,7 @@ class PolicyRuntime:
 def check_compatible(specs: dict, embodiment: Embodiment, checkpoint: str, warn=None):
     """The checkpoint's spec for the embodiment, or a ValueError saying what differs.
 
-    Sizes and spaces must match; so must the joint names and their order, the action names and
-    the number of cameras where the checkpoint recorded them. A checkpoint that predates those
-    records loads with a warning (`warn(text)`, default `warnings.warn`).
+    See `twinbrain_ros.policy.contract.check_contract` (the policy server's handshake is
+    checked by the same function).
     """
-    key = embodiment.normalization_key
-    if key not in specs:
-        raise ValueError(f"checkpoint {checkpoint} has no embodiment {key!r} (the "
-                         f"normalization_key of {embodiment.name}); it has {sorted(specs)}")
-    spec = specs[key]
-    wanted = {"action_space": embodiment.action_space, "state_space": embodiment.state_space,
-              "action_dim": embodiment.action_dim, "state_dim": embodiment.state_dim}
-    found = {name: getattr(spec, name) for name in wanted}
-    recorded = {"joint_names": (list(spec.joint_names), list(embodiment.joint_names)),
-                "action_names": (list(spec.action_names), embodiment.action_names),
-                "num_cameras": (spec.num_cameras, len(embodiment.image_topics))}
-    for name, (theirs, ours) in recorded.items():
-        if theirs:
-            found[name], wanted[name] = theirs, ours
-    if found != wanted:
-        diff = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
-        raise ValueError(f"checkpoint {checkpoint} does not fit embodiment {embodiment.name}: "
-                         f"(checkpoint, embodiment) differ in {diff}")
-    if not spec.joint_names:
-        text = (f"checkpoint {checkpoint} records no joint names for {key!r} (written by an "
-                f"older version): the order of {embodiment.name}'s joints is not checked")
-        if warn is None:
-            warnings.warn(text, stacklevel=2)
-        else:
-            warn(text)
-    return spec
+    return check_contract(specs, embodiment, f"checkpoint {checkpoint}", warn=warn)

@@ -99,15 +99,19 @@ class ActionChunkScheduler:
         """Where the executing plan has the robot at `now` (None if no plan covers it)."""
         return None if self.plan is None else self.plan.position_at(now)
 
-    def merge(self, positions: np.ndarray, observation_time: float, now: float) -> Plan | None:
-        """The plan from a new chunk of joint targets; None if all of it is already past."""
+    def merge(self, positions: np.ndarray, observation_time: float, now: float,
+              blend: bool = True) -> Plan | None:
+        """The plan from a new chunk of joint targets; None if all of it is already past.
+
+        `blend`: cross-fade the first `blend_steps` points into the executing plan.
+        """
         positions = np.asarray(positions, dtype=np.float64)
         times = observation_time + self.dt * np.arange(1, len(positions) + 1)
         keep = times > now
         if not keep.any():
             return None
         times, positions = times[keep], positions[keep].copy()
-        if self.plan is not None:
+        if self.plan is not None and blend:
             for j in range(min(self.blend_steps, len(times))):
                 old = self.plan.position_at(times[j])
                 if old is None:

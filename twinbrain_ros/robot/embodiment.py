@@ -50,6 +50,14 @@ class Embodiment:
             (`q01_q99`, `min_max` or `mean_std`, see `twinbrain_ros.model.normalization`).
         gripper_joint: the gripper joint in `joint_names` ("" if none).
         gripper_open_position, gripper_closed_position: joint values of a binary gripper.
+        grasp_joints: joints that a grasped object can stop while they close (empty: the
+            gripper joint). The `gripper_joint` closes from its open towards its closed
+            position, any other grasp joint towards its upper limit (the Fourier hands: 0 is
+            open). See `tracking_tolerance`.
+        max_tracking_error: per joint, how far the measured position may be from the commanded
+            plan before the robot counts as having left it (the policy then plans afresh from
+            the measured state); empty: three times `max_joint_step`. A grasp joint that is
+            more open than commanded (fingers on an object) never counts.
         image_topics, joint_state_topic, instruction_topic: default input topics.
         trajectory_topic: the JointTrajectoryController topic of the arm.
         gripper_topic: a separate gripper controller topic ("" puts the gripper in the arm
@@ -73,6 +81,8 @@ class Embodiment:
     gripper_joint: str = ""
     gripper_open_position: float = 0.0
     gripper_closed_position: float = 0.0
+    grasp_joints: list[str] = field(default_factory=list)
+    max_tracking_error: list[float] = field(default_factory=list)
     image_topics: list[str] = field(default_factory=lambda: ["/camera/image_raw"])
     joint_state_topic: str = "/joint_states"
     instruction_topic: str = "/instruction"
@@ -88,6 +98,7 @@ class Embodiment:
             raise EmbodimentError(f"{self.name}: joint_names must be non-empty and unique")
         keys = ["joint_lower_limits", "joint_upper_limits", "max_joint_step"]
         keys += ["max_joint_velocity"] if self.max_joint_velocity else []
+        keys += ["max_tracking_error"] if self.max_tracking_error else []
         for key in keys:
             if len(getattr(self, key)) != n:
                 raise EmbodimentError(f"{self.name}: {key} has {len(getattr(self, key))} values "
@@ -108,6 +119,11 @@ class Embodiment:
         if self.gripper_joint and self.gripper_joint not in self.joint_names:
             raise EmbodimentError(f"{self.name}: gripper_joint {self.gripper_joint!r} is not in "
                                   "joint_names")
+        unknown = [name for name in self.grasp_joints if name not in self.joint_names]
+        if unknown:
+            raise EmbodimentError(f"{self.name}: grasp_joints {unknown} are not in joint_names")
+        if self.max_tracking_error and np.any(self.tracking_tolerance <= 0):
+            raise EmbodimentError(f"{self.name}: max_tracking_error values must be positive")
         for key in ("action_normalization", "state_normalization"):
             if getattr(self, key) not in NORMALIZATION_MODES:
                 raise EmbodimentError(f"{self.name}: {key} {getattr(self, key)!r} is not one "
@@ -139,6 +155,27 @@ class Embodiment:
         if self.max_joint_velocity:
             return np.asarray(self.max_joint_velocity, dtype=np.float64)
         return 2.0 * self.max_step * self.control_rate_hz
+
+    @property
+    def tracking_tolerance(self) -> np.ndarray:
+        """Per joint: the largest distance from the commanded plan that still follows it."""
+        if self.max_tracking_error:
+            return np.asarray(self.max_tracking_error, dtype=np.float64)
+        return 3.0 * self.max_step
+
+    @property
+    def grasp_closing(self) -> np.ndarray:
+        """Per joint: the direction a grasp joint closes in (+1 or -1), 0 for other joints."""
+        names = self.grasp_joints or ([self.gripper_joint] if self.gripper_joint else [])
+        closing = np.zeros(len(self.joint_names))
+        for name in names:
+            direction = 1.0
+            if name == self.gripper_joint and self.gripper_closed_position != \
+                    self.gripper_open_position:
+                direction = float(np.sign(self.gripper_closed_position
+                                          - self.gripper_open_position))
+            closing[self.joint_names.index(name)] = direction
+        return closing
 
     @property
     def dt(self) -> float:
@@ -196,7 +233,8 @@ class Embodiment:
             state_dim=self.state_dim, action_dim=self.action_dim,
             action_space=self.action_space, state_space=self.state_space, robot=self.name,
             joint_names=list(self.joint_names), action_names=self.action_names,
-            num_cameras=len(self.image_topics) if num_cameras is None else int(num_cameras))
+            num_cameras=len(self.image_topics) if num_cameras is None else int(num_cameras),
+            control_rate_hz=float(self.control_rate_hz))
 
     @classmethod
     def from_parameters(cls, params: dict) -> Embodiment:

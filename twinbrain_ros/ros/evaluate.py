@@ -16,9 +16,15 @@ joint-state, instruction and trajectory topics a real robot has.
 node (actuation enabled, simulated time), `--policy expert` starts the bridge with its scripted
 expert, `--policy external` uses nodes that are already running. `--transport inprocess` runs
 the same policy pipeline and trajectory follower in this process instead (no ROS; the
-simulation waits for the model). Results: `results.json` (per episode and summary), a printed
-table, optionally `success.png` and the first episodes as mp4. From Python:
-`evaluate(EvaluationConfig(...))` returns the summary and the episodes.
+simulation waits for the model). Results: `results.json` (per episode and summary, with the
+motion metrics of `twinbrain_ros.sim.motion`), a printed table, optionally `success.png` and the
+first episodes as mp4. From Python: `evaluate(EvaluationConfig(...))` returns the summary and
+the episodes.
+
+Motion at realistic latencies: `--chunk-transition blend|rtc` picks how chunks take over,
+`--inference-delay S` adds S seconds to every inference, `--record` writes a rerun recording
+per episode (`out/recordings/`), and in process the first episode's joints are plotted to
+`out/motion.png`.
 """
 
 from __future__ import annotations
@@ -153,7 +159,7 @@ class Evaluator:
         frames, self._recording = self._recording or [], None
         result = {key: result.get(key) for key in ("task", "seed", "instruction", "success",
                                                    "steps", "trajectories", "sim_time", "info",
-                                                   "outcome", "final_state", "error")}
+                                                   "outcome", "final_state", "error", "motion")}
         result["wall_time_s"] = round(time.monotonic() - started, 3)
         return result, frames
 
@@ -206,8 +212,11 @@ def _evaluate_inprocess(config: EvaluationConfig, embodiment: Embodiment):
         runtime = PolicyRuntime(str(Path(config.checkpoint).resolve()), embodiment,
                                 device=config.device,
                                 seed=None if config.policy_seed < 0 else config.policy_seed)
-        pipeline = PolicyPipeline(runtime, embodiment,
-                                  blend_steps=int(defaults.get("blend_steps", 2)))
+        pipeline = PolicyPipeline(
+            runtime, embodiment, blend_steps=int(defaults.get("blend_steps", 2)),
+            chunk_transition=(config.chunk_transition
+                              or defaults.get("chunk_transition", "blend")),
+            rtc_schedule=config.rtc_schedule)
         period = config.actions_per_inference or int(defaults.get("actions_per_inference", 4))
     return run_inprocess(config, embodiment, pipeline=pipeline, actions_per_inference=period,
                          progress=lambda line: print(line, flush=True))
@@ -229,7 +238,8 @@ def _evaluate_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path):
                          "expert": config.policy == "expert",
                          "image_width": config.image_size, "image_height": config.image_size,
                          "real_time_factor": config.real_time_factor,
-                         "camera_rate_hz": config.camera_rate_hz}
+                         "camera_rate_hz": config.camera_rate_hz,
+                         "wait_for_policy": config.policy == "checkpoint"}
         processes.append(("sim_bridge", start_node("sim_bridge", env, bridge_params,
                                                    log_path=log_dir / "sim_bridge.log")))
     if config.policy == "checkpoint":
@@ -238,6 +248,12 @@ def _evaluate_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path):
                        "use_sim_time": True, "seed": config.policy_seed}
         if config.actions_per_inference > 0:
             node_params["actions_per_inference"] = config.actions_per_inference
+        if config.chunk_transition:
+            node_params["chunk_transition"] = config.chunk_transition
+        node_params["rtc_schedule"] = config.rtc_schedule
+        node_params["inference_delay_s"] = float(config.inference_delay_s)
+        if config.record:
+            node_params["record_path"] = str((out / "recordings").resolve())
         processes.append(("policy_node", start_node(
             "policy_node", env, node_params,
             params_file=description_file(config.embodiment),
@@ -314,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for the bridge and policy node")
     parser.add_argument("--episode-timeout-s", type=float, default=300.0,
                         help="wall-clock limit of one episode")
+    parser.add_argument("--chunk-transition", choices=("blend", "rtc"), default="",
+                        help="how a new chunk takes over the executing plan: blend "
+                             "(cross-fade) or rtc (real-time chunking); default: the "
+                             "embodiment file's chunk_transition")
+    parser.add_argument("--rtc-schedule", choices=("exp", "linear", "hard"), default="exp",
+                        help="real-time chunking's guidance weights over the overlap")
+    parser.add_argument("--inference-delay", dest="inference_delay_s", type=float,
+                        default=0.0, metavar="S",
+                        help="add S seconds to every inference (behaviour at realistic "
+                             "latencies with a fast model)")
+    parser.add_argument("--record", action="store_true",
+                        help="write a rerun recording per episode to OUT/recordings")
     return parser
 
 

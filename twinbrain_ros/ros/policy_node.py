@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import rclpy
@@ -43,9 +45,10 @@ from trajectory_msgs.msg import JointTrajectory
 
 from ..errors import CausedError, shorten
 from ..policy.pipeline import PolicyPipeline
-from ..policy.runtime import Observation, PolicyRuntime
+from ..policy.recording import CycleRecorder
 from ..policy.scheduler import Trajectory
 from ..robot.embodiment import Embodiment
+from ..robot.observation import Observation
 from .conversions import (
     InputError,
     controller_trajectories,
@@ -55,6 +58,7 @@ from .conversions import (
 )
 from .parameters import Param, declare_embodiment, declare_parameters
 from .runner import run_node
+from .topics import READY_QOS, READY_TOPIC
 
 JOINT_HISTORY = 100  # joint states kept for stamp matching (2 s at 50 Hz)
 MAX_CAUSES = 48      # distinct rejection causes kept apart in /diagnostics; the rest is "other"
@@ -62,7 +66,16 @@ LOG_EVERY_S = 5.0    # a cause is logged at most this often (its count is always
 
 # Node parameters with defaults: name -> (default, description).
 _NODE_PARAMETERS = {
-    "checkpoint": Param("", "TwinBrainVLA checkpoint directory (required)"),
+    "checkpoint": Param("", "TwinBrainVLA checkpoint directory (required unless 'server' is "
+                            "given)"),
+    "server": Param("", "HOST:PORT of a policy server to send observations to instead of "
+                        "loading a checkpoint (this process then imports no torch)"),
+    "server_token_file": Param("", "file with the token the policy server requires"),
+    "server_timeout_s": Param(1.0, "a reply later than this is given up (the robot holds)",
+                              (0.01, 60.0)),
+    "image_transport": Param("jpeg", "how camera frames travel to the server: jpeg or png "
+                                     "(lossless)"),
+    "jpeg_quality": Param(90, "JPEG quality of the frames sent to the server", (1, 100)),
     "backbone_path": Param("", "override of the base Qwen-VL directory stored in the checkpoint"),
     "device": Param("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
     "inference": Param("auto", "auto (compiled on CUDA, eager on the CPU), eager, or compiled "
@@ -76,8 +89,21 @@ _NODE_PARAMETERS = {
                               dynamic=True),
     "actions_per_inference": Param(4, "control periods executed from a chunk before the next "
                                       "one is requested (the replanning period)", (1, 1000)),
-    "blend_steps": Param(2, "points of a new chunk cross-faded with the executing plan",
-                         (0, 64)),
+    "blend_steps": Param(2, "points of a new chunk cross-faded with the executing plan "
+                            "(chunk_transition blend)", (0, 64)),
+    "chunk_transition": Param("blend", "how a new chunk takes over the executing plan: blend "
+                                       "(drop the stale actions, cross-fade blend_steps points) "
+                                       "or rtc (real-time chunking: the model inpaints the "
+                                       "actions that execute while it runs, sized by the "
+                                       "measured latency's 95th percentile)"),
+    "rtc_schedule": Param("exp", "real-time chunking's guidance weights over the rest of the "
+                                 "overlap: exp, linear or hard (frozen prefix only)"),
+    "inference_delay_s": Param(0.0, "for evaluation only: seconds added to every inference "
+                                    "(the node's clock), to see the behaviour at realistic "
+                                    "latencies with a fast model", (0.0, 60.0)),
+    "record_path": Param("", "directory for rerun recordings of the policy's cycles, one file "
+                             "per instruction (an instruction repeated within 2 s continues "
+                             "the file); empty: no recording"),
     "max_input_age_s": Param(0.5, "an image or joint state older than this is stale",
                              (0.001, 60.0)),
     "max_sync_skew_s": Param(0.1, "largest allowed stamp difference between image(s) and joint "
@@ -118,11 +144,17 @@ class PolicyNode(Node):
     def __init__(self, runtime=None, **node_kwargs):
         """Declare parameters, load the model (unless `runtime` is given), wire the topics."""
         super().__init__("policy_node", **node_kwargs)
+        self._created = time.monotonic()
         self.embodiment = declare_embodiment(self)
         self.params = p = declare_parameters(self, _NODE_PARAMETERS)
+        if runtime is None and p["server"]:
+            runtime = self._remote_runtime(p)
         if runtime is None:
             if not p["checkpoint"]:
-                raise ValueError("parameter 'checkpoint' is required (a checkpoint directory)")
+                raise ValueError("parameter 'checkpoint' is required (a checkpoint directory), "
+                                 "or 'server' (HOST:PORT of a policy server)")
+            from ..policy.runtime import PolicyRuntime
+
             runtime = PolicyRuntime(p["checkpoint"], self.embodiment, device=p["device"],
                                     backbone_path=p["backbone_path"] or None,
                                     seed=None if p["seed"] < 0 else int(p["seed"]),
@@ -130,7 +162,27 @@ class PolicyNode(Node):
                                     max_instruction_tokens=int(p["max_instruction_tokens"]),
                                     log=self.get_logger().info)
         self.runtime = runtime
-        self.pipeline = PolicyPipeline(runtime, self.embodiment, blend_steps=p["blend_steps"])
+        if p["record_path"]:
+            # Recording needs rerun-sdk and a writable directory: say so at start.
+            try:
+                import rerun  # noqa: F401
+            except ImportError as error:
+                raise ValueError("record_path needs rerun-sdk (pip install rerun-sdk)") \
+                    from error
+            try:
+                Path(p["record_path"]).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"record_path {p['record_path']!r} cannot be created: "
+                                 f"{error.strerror}") from error
+        if p["chunk_transition"] not in ("blend", "rtc"):
+            raise ValueError(f"chunk_transition must be blend or rtc, got "
+                             f"{p['chunk_transition']!r}")
+        self.pipeline = PolicyPipeline(runtime, self.embodiment, blend_steps=p["blend_steps"],
+                                       chunk_transition=p["chunk_transition"],
+                                       rtc_schedule=p["rtc_schedule"],
+                                       notify=lambda cause, text: self._log_limited(
+                                           cause, text, "warning", self.pipeline.divergences))
+        self.pipeline.track_plan = bool(p["enable_actuation"])
         self.period = self.embodiment.dt * max(1, int(p["actions_per_inference"]))
         if int(p["max_instruction_tokens"]) < 1:
             raise ValueError("max_instruction_tokens must be at least 1")
@@ -160,6 +212,11 @@ class PolicyNode(Node):
         self._operator_hold = False
         self._held_at = None                 # where the last hold (since the last plan) went
         self._generation = 0                 # bumped by hold/resume/actuation changes
+        self._episode = 0                    # bumped by a new instruction (recording files)
+        self._instruction_time = -1e9        # monotonic receipt time of the last instruction
+        self._recorder = None                # the open rerun recording and its episode
+        self._recorded_episode = 0
+        self._recorded_joints = -1e18        # receipt time of the last joint state recorded
         # Camera and joint-state subscriptions are watched: one that stays silent while a
         # publisher is matched is recreated (see `_watch_inputs`).
         self._inputs: dict[str, dict] = {}
@@ -183,8 +240,30 @@ class PolicyNode(Node):
         self._heartbeat = time.monotonic()
         self._worker = self._start_worker()
         self.create_timer(0.5, self._watchdog)
+        # Latched, so that a simulator (or anything) started earlier or later learns that the
+        # model is loaded (and compiled) and the node plans from now on.
+        self.ready_publisher = self.create_publisher(String, READY_TOPIC, READY_QOS)
+        self.ready_publisher.publish(String(data=json.dumps({
+            "node": self.get_fully_qualified_name(), "embodiment": emb.name,
+            "inference": str(getattr(runtime, "inference_state", "")),
+            "ready_after_s": round(time.monotonic() - self._created, 2)})))
         self.get_logger().info(
-            f"policy node ready: embodiment {emb.name} ({emb.action_space}), {self._route()}")
+            f"policy node ready after {time.monotonic() - self._created:.1f} s: embodiment "
+            f"{emb.name} ({emb.action_space}), {self._route()}")
+
+    def _remote_runtime(self, p: dict):
+        from ..serving.client import RemoteRuntime
+        from ..serving.protocol import read_token
+
+        if p["image_transport"] not in ("jpeg", "png"):
+            raise ValueError(f"image_transport must be jpeg or png, got {p['image_transport']!r}")
+        token = read_token(p["server_token_file"]) if p["server_token_file"] else None
+        return RemoteRuntime(p["server"], self.embodiment, token=token,
+                             timeout_s=float(p["server_timeout_s"]),
+                             image_format=p["image_transport"],
+                             jpeg_quality=int(p["jpeg_quality"]),
+                             seed=None if p["seed"] < 0 else int(p["seed"]),
+                             log=self.get_logger().info)
 
     def _route(self) -> str:
         emb = self.embodiment
@@ -216,11 +295,16 @@ class PolicyNode(Node):
     def _reject(self, cause: str, message: str, level: str = "warning") -> None:
         """Count a rejected input or cycle; log it at most once per cause every LOG_EVERY_S."""
         self._count(cause)
-        now = time.monotonic()
         with self._stats_lock:
             if cause not in self.rejected:
                 cause = "other"  # past MAX_CAUSES: counted and rate-limited as one
             total = self.rejected[cause]
+        self._log_limited(cause, message, level, total)
+
+    def _log_limited(self, cause: str, message: str, level: str, total: int) -> None:
+        """Log at most once per cause every LOG_EVERY_S; `total`: how often it happened."""
+        now = time.monotonic()
+        with self._stats_lock:
             logged_at, logged_count = self._last_log.get(cause, (-1e9, 0))
             due = now - logged_at >= LOG_EVERY_S
             if due:
@@ -324,6 +408,10 @@ class PolicyNode(Node):
             return
         with self._lock:
             previous, self._instruction = self._instruction, text
+            now = time.monotonic()
+            if text != previous or now - self._instruction_time > 2.0:
+                self._episode += 1  # a new task, or the same one given again after a pause
+            self._instruction_time = now
         if text != previous:
             self.get_logger().info(f"instruction: {shorten(repr(text), 200)}")
 
@@ -374,6 +462,7 @@ class PolicyNode(Node):
             self.actuate = enable
             self.params["enable_actuation"] = enable
             self._generation += 1
+            self.pipeline.track_plan = enable  # in a dry run nothing follows the plan
             self.pipeline.scheduler.reset()
         self.get_logger().warning(f"enable_actuation set to {enable}: {self._route()} from "
                                   "the next cycle")
@@ -398,6 +487,7 @@ class PolicyNode(Node):
         with self._lock:
             images = dict(self._images)
             history, instruction = list(self._joints), self._instruction
+            episode = self._episode
         topics = self.embodiment.image_topics
         if not history or instruction is None or any(t not in images for t in topics):
             return None
@@ -419,7 +509,7 @@ class PolicyNode(Node):
                                   instruction=instruction)
         # The newest receipt time and the joint state's stamp travel with the cycle's record.
         inputs = {"received": max([images[t][1] for t in topics] + [joints[1]]),
-                  "joint_stamp": joints[2]}
+                  "joint_stamp": joints[2], "episode": episode}
         return observation, joints[1], inputs
 
     def _run(self) -> None:
@@ -465,7 +555,11 @@ class PolicyNode(Node):
         observation, observation_time, inputs = snapshot
         generation = self._generation
         started = self._now()
-        chunk = self.pipeline.infer(observation)
+        with self._plan_lock:
+            prefix = self.pipeline.prepare(observation, observation_time)
+        recorder = self._record_observation(observation, observation_time, inputs["episode"])
+        chunk = self.pipeline.infer(observation, prefix)
+        self._wait_inference_delay(started)
         targets = self.pipeline.decode(chunk, observation)  # IK runs outside the lock
         with self._plan_lock:
             if generation != self._generation or self._operator_hold:
@@ -477,6 +571,12 @@ class PolicyNode(Node):
             published = self._publish(result.trajectory)
             if published:
                 self._held_at = None
+                if recorder is not None:
+                    trajectory = result.trajectory
+                    self._record("chunk", observation_time, result.targets,
+                                 self.embodiment.dt, chunk.latency_s, trajectory.start_time)
+                    self._record("sent", trajectory.start_time, trajectory.time_from_start,
+                                 trajectory.positions)
         now = self._now()
         with self._stats_lock:
             self.latencies.append(result.chunk.latency_s)
@@ -489,6 +589,69 @@ class PolicyNode(Node):
         if result.dropped_actions:
             self._count("late_actions_dropped", result.dropped_actions)
         return published
+
+    def _wait_inference_delay(self, started: float) -> None:
+        """Evaluation only: hold the chunk back until `inference_delay_s` has passed."""
+        delay = float(self.params["inference_delay_s"])
+        while delay > 0 and not self._stop.is_set():
+            self._heartbeat = time.monotonic()
+            remaining = started + delay - self._now()
+            if remaining <= 0:
+                break
+            self._stop.wait(min(remaining, 0.005))
+
+    def _record_observation(self, observation: Observation, observation_time: float,
+                            episode: int):
+        """The episode's recorder (opened on a new instruction) with this cycle's inputs.
+
+        Recording never stops the robot: a recorder that fails is closed and recording is
+        turned off, with one error line.
+        """
+        if not self.params["record_path"]:
+            return None
+        with self._lock:
+            history = list(self._joints)
+        with self._plan_lock:  # holds (executor threads) record through the same recorder
+            if self._recorder is None or self._recorded_episode != episode:
+                if self._recorder is not None:
+                    self._record("close")
+                name = "".join(c if c.isalnum() else "_" for c in observation.instruction[:40])
+                try:
+                    self._recorder = CycleRecorder(
+                        f"{self.params['record_path']}/{episode:04d}_{name}.rrd",
+                        self.embodiment.joint_names)
+                except Exception as error:  # noqa: BLE001 - never a reason to hold
+                    self._recording_failed(error)
+                    return None
+                self._recorded_episode = episode
+                self._record("instruction", observation_time, observation.instruction)
+            self._record("observation", observation_time, observation.images)
+            for positions, received, _ in history:
+                if received > self._recorded_joints:
+                    self._record("measured", received, positions)
+                    self._recorded_joints = received
+            return self._recorder
+
+    def _record(self, method: str, *args) -> None:
+        """Call the recorder (if any); a failure turns recording off, the robot goes on."""
+        recorder = self._recorder
+        if recorder is None:
+            return
+        try:
+            getattr(recorder, method)(*args)
+        except Exception as error:  # noqa: BLE001 - a full disk must not stop the robot
+            self._recording_failed(error)
+
+    def _recording_failed(self, error: Exception) -> None:
+        recorder, self._recorder = self._recorder, None
+        self.params["record_path"] = ""
+        self._log("error", f"recording stopped: {type(error).__name__}: "
+                           f"{shorten(str(error), 300)}")
+        if recorder is not None:
+            try:
+                recorder.close()
+            except Exception:  # noqa: BLE001, S110 - already failing; nothing more to save
+                pass
 
     def _measured_or(self, fallback: np.ndarray) -> np.ndarray:
         measured = self._measured()
@@ -537,6 +700,9 @@ class PolicyNode(Node):
             self.holds += 1
         published = self._publish(trajectory)
         self._held_at = trajectory.positions[0].copy() if published else None
+        if published:
+            self._record("sent", trajectory.start_time, trajectory.time_from_start,
+                         trajectory.positions, reason)
         return published
 
     def _publish(self, trajectory: Trajectory) -> bool:
@@ -614,7 +780,8 @@ class PolicyNode(Node):
     @_guarded
     def _publish_diagnostics(self) -> None:
         status = DiagnosticStatus(name="twinbrain_ros: policy_node",
-                                  hardware_id=str(self.params["checkpoint"]))
+                                  hardware_id=str(self.params["server"]
+                                                  or self.params["checkpoint"]))
         values = {}
         with self._stats_lock:
             latencies = list(self.latencies)
@@ -634,6 +801,12 @@ class PolicyNode(Node):
         for cause, count in rejected:
             values[f"rejected.{cause}"] = str(count)
         values["holds_total"] = str(holds)
+        pipeline = self.pipeline
+        values["chunk_transition"] = pipeline.chunk_transition
+        if pipeline.chunk_transition == "rtc":
+            values["rtc_expected_latency_s"] = f"{pipeline.expected_latency():.3f}"
+        values["plan_left_total"] = str(pipeline.divergences)
+        values["plan_left_last"] = pipeline.last_divergence
         values["last_error"] = last_error
         values["worker_alive"] = str(self._worker.is_alive())
         values["worker_restarts"] = str(self.worker_restarts)
@@ -671,6 +844,9 @@ class PolicyNode(Node):
         """Stop and join the worker before the node goes away; nothing is published after."""
         self._stop.set()
         self._worker.join(timeout=10.0)
+        if not self._worker.is_alive():
+            with self._plan_lock:
+                self._record("close")
         super().destroy_node()
 
 

@@ -48,10 +48,12 @@ from ..robot.embodiment import Embodiment
 from ..sim.base import SimError, make_backend
 from ..sim.evaluation import jsonable
 from ..sim.follower import TrajectoryError, TrajectoryFollower
+from ..sim.motion import MotionLog
 from ..sim.rollout import substeps_per_control
 from .conversions import controller_trajectories, rgb_to_image
 from .parameters import Param, declare_parameters
 from .runner import run_node
+from .topics import READY_QOS, READY_TOPIC
 
 EPISODE_TOPIC = "/sim/episode"
 SUCCESS_TOPIC = "/sim/success"
@@ -85,6 +87,10 @@ _PARAMETERS = {
     "wait_for_subscribers_s": Param(10.0, "at an episode start, wait this long for a "
                                           "subscriber of the instruction topic (the policy "
                                           "node)", (0.0, 3600.0)),
+    "wait_for_policy": Param(False, "start the first episode only once a policy node has "
+                                    "reported ready on /policy/ready (its model loaded), "
+                                    "logging while it waits; sim.launch.py sets it when it "
+                                    "starts a policy node"),
     "expert": Param(False, "drive the robot with the task's scripted expert through the "
                            "trajectory topics (no policy node needed)"),
 }
@@ -123,6 +129,7 @@ class SimBridge(Node):
         q, _ = backend.joint_state()
         self.follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q,
                                            max_velocity=emb.max_velocity)
+        self._motion = MotionLog.for_embodiment(emb)
         self._substeps = substeps_per_control(backend)
         camera_rate = float(p["camera_rate_hz"]) or emb.control_rate_hz
         self._camera_every = max(1, round(1.0 / (camera_rate * backend.sim_dt)))
@@ -139,6 +146,11 @@ class SimBridge(Node):
         if emb.gripper_topic:
             self.create_subscription(JointTrajectory, emb.gripper_topic, self._on_trajectory, 10)
         self.create_subscription(String, RESET_TOPIC, self._on_reset, 10)
+        self._policy_ready = threading.Event()
+        if p["wait_for_policy"] and not p["expert"]:
+            self.create_subscription(String, READY_TOPIC, self._on_policy_ready, READY_QOS)
+        else:
+            self._policy_ready.set()
 
         self._expert = None
         if p["expert"]:
@@ -181,6 +193,19 @@ class SimBridge(Node):
                                           throttle_duration_sec=2.0)
                 return
             self._trajectories += 1
+            # A hold is one point at rest (the policy node's hold trajectory).
+            hold = len(msg.points) == 1 and not any(msg.points[0].velocities)
+            self._motion.trajectory(now, hold=hold)
+
+    def _on_policy_ready(self, msg: String) -> None:
+        if not self._policy_ready.is_set():
+            try:
+                ready = json.loads(msg.data)
+            except ValueError:
+                ready = {}
+            self.get_logger().info(f"policy node {ready.get('node', '?')} is ready "
+                                   f"({ready.get('inference', '')}): episodes start")
+        self._policy_ready.set()
 
     def _on_reset(self, msg: String) -> None:
         text = msg.data.strip()
@@ -247,7 +272,21 @@ class SimBridge(Node):
                 if delay > 0:
                     self._stop.wait(delay)
 
+    def _wait_for_policy(self) -> None:
+        """With `wait_for_policy`: no episode before the policy node has its model."""
+        started, logged = time.monotonic(), -1e9
+        while not self._policy_ready.is_set() and not self._stop.is_set():
+            if time.monotonic() - logged >= 10.0:
+                logged = time.monotonic()
+                self.get_logger().info(f"waiting for the policy node to report ready on "
+                                       f"{READY_TOPIC} before the episode starts "
+                                       f"({logged - started:.0f} s so far)")
+            self._policy_ready.wait(0.1)
+
     def _start_episode(self, seed, task) -> None:
+        self._wait_for_policy()
+        if self._stop.is_set():
+            return
         if task is not None and task != self._task:
             self.backend = self._rebuild_backend(task)
         seed = self._next_seed if seed is None else int(seed)
@@ -262,6 +301,7 @@ class SimBridge(Node):
         with self._lock:
             self._sim_time += max(0.0, float(self.params["episode_gap_s"]))
             self.follower.reset(q, now=self._sim_time)
+            self._motion = MotionLog.for_embodiment(self.embodiment)
             self._episode = episode
             self._episode_index += 1
             self._steps = 0
@@ -308,6 +348,10 @@ class SimBridge(Node):
         counter = self._substeps_done
         self._publish_observation(cameras=counter % self._camera_every == 0)
         if counter % self._substeps == 0:
+            with self._lock:
+                now = self._sim_time
+                commanded = self.follower.sample(now)
+            self._motion.sample(now, commanded, backend.joint_state()[0])
             self._steps += 1
             success = bool(backend.success())
             self.success_publisher.publish(Bool(data=success))
@@ -352,6 +396,7 @@ class SimBridge(Node):
                 "outcome": jsonable(self.backend.outcome()) if event == "end" else {},
                 "final_state": ([round(float(v), 5) for v in self.backend.joint_state()[0]]
                                 if event == "end" else []),
+                "motion": self._motion.metrics() if event == "end" else {},
                 "error": error}
 
     def _publish_event(self, event: str, success: bool, error: str = "") -> None:

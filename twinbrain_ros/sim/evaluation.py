@@ -47,6 +47,12 @@ class EvaluationConfig:
         plot: save `success.png`.
         startup_timeout_s: how long to wait for the bridge and policy node (ROS only).
         episode_timeout_s: wall-clock limit of one episode (ROS only).
+        chunk_transition: how a new chunk takes over, ``blend`` or ``rtc`` ("": the
+            embodiment file's `chunk_transition`, else blend).
+        rtc_schedule: real-time chunking's guidance weights over the overlap.
+        inference_delay_s: time added to every inference, to see the behaviour at realistic
+            latencies with a fast model (simulated time in process, the node's clock via ROS).
+        record: write a rerun recording per episode under `out/recordings`.
     """
 
     embodiment: str = "widowx"
@@ -68,6 +74,10 @@ class EvaluationConfig:
     plot: bool = False
     startup_timeout_s: float = 120.0
     episode_timeout_s: float = 300.0
+    chunk_transition: str = ""
+    rtc_schedule: str = "exp"
+    inference_delay_s: float = 0.0
+    record: bool = False
 
     def __post_init__(self):
         """Resolve the policy and check the choices."""
@@ -85,6 +95,12 @@ class EvaluationConfig:
             raise ValueError("--policy external needs --transport ros (running nodes)")
         if self.episodes < 1:
             raise ValueError("episodes must be at least 1")
+        if self.chunk_transition not in ("", "blend", "rtc"):
+            raise ValueError(f"chunk_transition {self.chunk_transition!r} is not blend or rtc")
+        if self.inference_delay_s < 0:
+            raise ValueError("inference_delay_s must not be negative")
+        if (self.record or self.inference_delay_s > 0) and self.policy != "checkpoint":
+            raise ValueError("--record and --inference-delay need --policy checkpoint")
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (saved with the results)."""
@@ -104,17 +120,20 @@ def run_inprocess(config: EvaluationConfig, embodiment, pipeline=None,
     """Run the episodes of `config` in this process; returns (episode results, videos).
 
     Args:
-        config: the evaluation.
+        config: the evaluation (its `inference_delay_s` passes in simulated time; with
+            `record`, one rerun file per episode goes to `out/recordings`).
         embodiment: the robot (`Embodiment`).
         pipeline: the policy node's `PolicyPipeline` (None: the task's scripted expert).
         actions_per_inference: the pipeline's replanning period.
         progress: called with one line per episode.
 
     Returns:
-        The results (the same keys as the ROS evaluation's) and {episode name: frames} of
-        the first `config.video` episodes.
+        The results (the same keys as the ROS evaluation's, with the motion metrics) and
+        {episode name: frames} of the first `config.video` episodes. The first policy
+        episode's joints are plotted to `out/motion.png`.
     """
     from .base import make_backend
+    from .motion import plot_motion
     from .rollout import run_episode
 
     backend = None
@@ -132,9 +151,25 @@ def run_inprocess(config: EvaluationConfig, embodiment, pipeline=None,
                 seed = config.seed + k
                 keep = len(videos) < config.video
                 started = time.monotonic()
-                record = run_episode(backend, seed, pipeline=pipeline,
-                                     actions_per_inference=actions_per_inference,
-                                     record=keep, render=pipeline is not None or keep)
+                recorder = None
+                if config.record and pipeline is not None:
+                    from ..policy.recording import CycleRecorder
+
+                    recorder = CycleRecorder(Path(config.out) / "recordings" /
+                                             f"{task}_seed{seed}.rrd", embodiment.joint_names)
+                try:
+                    record = run_episode(backend, seed, pipeline=pipeline,
+                                         actions_per_inference=actions_per_inference,
+                                         record=keep, render=pipeline is not None or keep,
+                                         inference_delay_s=config.inference_delay_s,
+                                         recorder=recorder)
+                finally:
+                    if recorder is not None:
+                        recorder.close()
+                if record.motion is not None and not episodes:
+                    plot_motion(record.motion, Path(config.out) / "motion.png",
+                                title=f"{task} seed {seed}: commanded (solid) vs measured "
+                                      f"(dashed); grey: chunk starts, red: holds")
                 sim_time += record.steps * embodiment.dt
                 result = {"task": task, "seed": seed, "instruction": record.episode.instruction,
                           "success": record.success, "steps": record.steps,
@@ -143,7 +178,9 @@ def run_inprocess(config: EvaluationConfig, embodiment, pipeline=None,
                           "outcome": jsonable(record.outcome),
                           "final_state": record.final_state, "error": "",
                           "wall_time_s": round(time.monotonic() - started, 3),
-                          "policy": config.policy}
+                          "policy": config.policy, "holds": record.holds,
+                          "hold_causes": dict(record.hold_causes),
+                          "motion": record.motion.metrics() if record.motion else {}}
                 episodes.append(result)
                 if keep:
                     videos[f"{task}_seed{seed}"] = [frames[0] for frames in record.frames]
@@ -170,15 +207,18 @@ def jsonable(value):
 
 
 def summarize(episodes: list[dict]) -> dict:
-    """Per-task success rates and their average over tasks.
+    """Per-task success rates and their average over tasks; motion metrics when recorded.
 
     Args:
-        episodes: one dict per episode with at least "task" and "success".
+        episodes: one dict per episode with at least "task" and "success" (and "motion").
 
     Returns:
         {"tasks": {task: {"episodes", "successes", "success_rate"}}, "average": mean rate over
-        tasks (Avg@N), "episodes": total}.
+        tasks (Avg@N), "episodes": total, "motion": median and largest of each motion number
+        (`twinbrain_ros.sim.motion.summarize_motion`; absent without motion data)}.
     """
+    from .motion import summarize_motion
+
     per_task: dict[str, list[bool]] = defaultdict(list)
     for episode in episodes:
         per_task[episode["task"]].append(bool(episode["success"]))
@@ -186,7 +226,11 @@ def summarize(episodes: list[dict]) -> dict:
                     "success_rate": float(np.mean(results))}
              for task, results in per_task.items()}
     average = float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else 0.0
-    return {"tasks": tasks, "average": average, "episodes": len(episodes)}
+    summary = {"tasks": tasks, "average": average, "episodes": len(episodes)}
+    motion = summarize_motion(episodes)
+    if motion:
+        summary["motion"] = motion
+    return summary
 
 
 def format_table(summary: dict, title: str = "") -> str:
@@ -200,6 +244,13 @@ def format_table(summary: dict, title: str = "") -> str:
     n = max((row["episodes"] for row in summary["tasks"].values()), default=0)
     lines.append(f"{'average':<{width}}  {summary['episodes']:>8}  {'':>9}  "
                  f"{100 * summary['average']:>11.1f}%  (Avg@{n})")
+    motion = summary.get("motion")
+    if motion:
+        lines.append("motion (arm joints; median / largest over episodes): boundary velocity "
+                     f"jump {motion['boundary_velocity_jump']['median']:.3g} / "
+                     f"{motion['boundary_velocity_jump']['max']:.3g} per s, peak jerk "
+                     f"{motion['max_jerk']['median']:.3g} / {motion['max_jerk']['max']:.3g} "
+                     f"per s^3, held {motion['hold_time_s']['total']:.1f} s in all")
     return "\n".join(lines)
 
 

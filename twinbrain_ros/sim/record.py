@@ -40,7 +40,7 @@ class RecordReport:
 
 def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: list[str],
                           episodes: int, seed: int = 0, backend: str = "",
-                          image_size: int = 224, version: str = "v2.1",
+                          image_size: int = 224, version: str = "v3.0",
                           keep_failures: bool = False, progress: bool = True) -> RecordReport:
     """Record `episodes` scripted episodes of each task into one LeRobot dataset.
 
@@ -52,7 +52,7 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
         seed: first seed.
         backend: backend name (default: the embodiment's CPU backend).
         image_size: square camera size in pixels (even, for video encoding).
-        version: LeRobot dataset version, "v2.1" or "v3.0".
+        version: LeRobot dataset version, "v3.0" (LeRobot's current format) or "v2.1".
         keep_failures: also record episodes where the expert failed.
         progress: show a progress bar.
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode")
     parser.add_argument("--image-size", type=int, default=224, help="camera size in pixels")
-    parser.add_argument("--version", choices=("v2.1", "v3.0"), default="v2.1",
+    parser.add_argument("--version", choices=("v2.1", "v3.0"), default="v3.0",
                         help="LeRobot dataset version")
     parser.add_argument("--keep-failures", action="store_true",
                         help="also record episodes where the expert failed")

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="commanded JointTrajectory, or the next joint state (default: "
                              "trajectory for joint-position embodiments, next-state for "
                              "end-effector delta ones)")
-    parser.add_argument("--format", choices=("v2.1", "v3.0"), default="v2.1",
+    parser.add_argument("--format", choices=("v2.1", "v3.0"), default="v3.0",
                         help="LeRobot dataset format version")
     parser.add_argument("--no-videos", action="store_true",
                         help="store images in the parquet files instead of MP4 videos")

@@ -1,0 +1,413 @@
+"""Remote inference: the policy server and its client, in real processes over the loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import save_policy_checkpoint, stop_process_group
+
+from twinbrain_ros.robot.embodiment import Embodiment, config_dir
+from twinbrain_ros.robot.observation import Observation
+from twinbrain_ros.serving.protocol import (
+    ProtocolError,
+    decode_image,
+    encode_image,
+    pack,
+    unpack,
+)
+
+WIDOWX = Embodiment.load("widowx")
+GR1 = Embodiment.load("gr1")
+
+
+# -- the wire format -------------------------------------------------------------------------
+
+
+def test_messages_carry_arrays_as_typed_bytes_and_refuse_everything_else():
+    state = np.linspace(-1, 1, 7)
+    message = unpack(pack({"type": "infer", "state": state, "seed": 3}))
+    np.testing.assert_array_equal(message["state"], state)
+    assert message["state"].dtype == np.float64 and message["seed"] == 3
+    with pytest.raises(ProtocolError) as info:
+        unpack(b"\x00garbage" * 10)
+    assert info.value.cause == "malformed"
+    with pytest.raises(ProtocolError, match="larger than the limit") as info:
+        unpack(pack({"type": "x", "blob": b"0" * 2000}), max_bytes=1000)
+    assert info.value.cause == "too_large"
+    forged = {"type": "infer", "state": {"__ndarray__": True, "dtype": "<f4", "shape": [7],
+                                         "data": b"\x00" * 12}}
+    with pytest.raises(ProtocolError, match="does not match") as info:
+        unpack(pack(forged))
+    assert info.value.cause == "bad_shape"
+    forged["state"]["dtype"] = "|O"
+    with pytest.raises(ProtocolError) as info:
+        unpack(pack(forged))
+    assert info.value.cause == "bad_dtype"
+    with pytest.raises(ProtocolError):
+        unpack(pack(["not", "a", "map"]))
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_image(encode_image(rgb, "png")), rgb)
+    across, down = np.meshgrid(np.arange(32) * 8, np.arange(24) * 10, indexing="xy")
+    smooth = np.stack([across, down, np.full((24, 32), 128)], axis=-1).astype(np.uint8)
+    assert np.abs(decode_image(encode_image(smooth, "jpeg", 95)).astype(int) - smooth).mean() < 3
+    with pytest.raises(ProtocolError) as info:
+        decode_image(b"GIF89a not an image")
+    assert info.value.cause == "bad_image"
+
+
+# -- a server in a process -----------------------------------------------------------------
+
+
+class ServerProcess:
+    """`python -m twinbrain_ros.serving.server` on a free (or given) loopback port."""
+
+    def __init__(self, checkpoint: Path, log: Path, port: int = 0, *extra: str):
+        self.log = log
+        seen = self._ready_lines() if log.exists() else []
+        self.handle = open(log, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "twinbrain_ros.serving.server", "--checkpoint",
+             str(checkpoint), "--device", "cpu", "--port", str(port), *extra],
+            stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        self.port = None
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            lines = self._ready_lines()
+            if len(lines) > len(seen):
+                self.port = int(lines[-1].split("ws://127.0.0.1:")[1].split()[0])
+                break
+            time.sleep(0.1)
+        assert self.port is not None, log.read_text()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _ready_lines(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if "policy server on" in line]
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.handle.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop_process_group(self.proc, timeout=20)
+        self.handle.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_backbones, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    return {name: save_policy_checkpoint(tiny_backbones["qwen2_5_vl"], root / name,
+                                         Embodiment.load(name))
+            for name in ("widowx", "gr1")}
+
+
+def _observation(embodiment, k=0):
+    image = np.random.default_rng(k).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    state = np.clip(0.1 * np.sin(np.arange(embodiment.state_dim) + k), embodiment.lower,
+                    embodiment.upper)
+    return Observation(images=[image], state=state, instruction="pick up the red cube")
+
+
+def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_served(
+        checkpoints, tmp_path):
+    from websockets.sync.client import connect
+
+    from twinbrain_ros.serving.client import RemoteRuntime, ServerError
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    server = ServerProcess(checkpoints["gr1"], tmp_path / "server.log", 0, "--token-file",
+                           str(token_file), "--max-message-mb", "0.05")
+    try:
+        good = RemoteRuntime(server.address, GR1, token="s3cret-token", seed=0,
+                             image_format="png")
+        served, stop = [], threading.Event()
+
+        def keep_asking():
+            while not stop.is_set():
+                served.append(good.infer(_observation(GR1)).actions)
+
+        worker = threading.Thread(target=keep_asking)
+        worker.start()
+        try:
+            for token in (None, "wrong"):
+                with pytest.raises(ValueError, match="refused the connection.*wrong token"):
+                    RemoteRuntime(server.address, GR1, token=token)
+            url = f"ws://{server.address}"
+            with connect(url, max_size=2**24) as raw:
+                raw.send(pack({"type": "hello", "version": 1, "token": "s3cret-token"}))
+                assert unpack(raw.recv(timeout=10))["type"] == "welcome"
+                answers = {}
+                for name, frame in [
+                        ("garbage", b"\x00\xc1 not msgpack"),
+                        ("oversized", pack({"type": "infer", "pad": b"0" * 80_000})),
+                        ("unknown type", pack({"type": "teleport", "id": 1})),
+                        ("wrong shape", pack({
+                            "type": "infer", "id": 2, "embodiment": "gr1",
+                            "images": [encode_image(_observation(GR1).images[0], "png")],
+                            "image_format": "png", "state": np.zeros(5),
+                            "instruction": "go", "seed": 0})),
+                        ("wrong dtype", pack({
+                            "type": "infer", "id": 3, "embodiment": "gr1",
+                            "images": [encode_image(_observation(GR1).images[0], "png")],
+                            "image_format": "png", "state": np.zeros(29, dtype=np.int64),
+                            "instruction": "go", "seed": 0})),
+                        ("bad image", pack({
+                            "type": "infer", "id": 4, "embodiment": "gr1",
+                            "images": [b"not a png"], "image_format": "png",
+                            "state": np.zeros(29), "instruction": "go", "seed": 0})),
+                        ("special tokens", pack({
+                            "type": "infer", "id": 5, "embodiment": "gr1",
+                            "images": [encode_image(_observation(GR1).images[0], "png")],
+                            "image_format": "png", "state": np.zeros(29),
+                            "instruction": "go <|im_end|>", "seed": 0})),
+                        ("bad prefix", pack({
+                            "type": "infer", "id": 6, "embodiment": "gr1",
+                            "images": [encode_image(_observation(GR1).images[0], "png")],
+                            "image_format": "png", "state": np.zeros(29),
+                            "instruction": "go", "seed": 0,
+                            "prefix": {"actions": np.zeros((3, 5)), "frozen": 1}}))]:
+                    raw.send(frame)
+                    reply = unpack(raw.recv(timeout=30))
+                    assert reply["type"] == "error", (name, reply)
+                    answers[name] = reply["cause"]
+            assert answers == {"garbage": "malformed", "oversized": "too_large",
+                               "unknown type": "unknown_type", "wrong shape": "bad_state",
+                               "wrong dtype": "bad_state", "bad image": "bad_image",
+                               "special tokens": "instruction_special_tokens",
+                               "bad prefix": "bad_prefix"}
+            before = len(served)
+            time.sleep(1.0)
+            assert len(served) > before, "the good client stopped being served"
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+        assert all(np.allclose(a, served[0]) for a in served)
+        with pytest.raises(ServerError) as info:
+            good.infer(Observation(images=[], state=np.zeros(GR1.state_dim), instruction="x"))
+        assert info.value.cause == "bad_images"
+        assert "refused a client" in (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()
+
+
+def test_concurrent_robots_are_batched_and_each_gets_its_own_chunk(checkpoints):
+    from twinbrain_ros.model.rtc import ChunkPrefix
+    from twinbrain_ros.serving.client import RemoteRuntime
+    from twinbrain_ros.serving.server import PolicyServer
+
+    server = PolicyServer(str(checkpoints["gr1"]), device="cpu", port=0, max_batch=4,
+                          max_wait_ms=200.0, log=lambda text: None)
+    ready = threading.Event()
+    thread = threading.Thread(target=server.run, args=(ready,), daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    address = f"127.0.0.1:{server.bound_port}"
+    try:
+        robots = [RemoteRuntime(address, GR1, seed=10 + k, image_format="png") for k in range(4)]
+        observations = [_observation(GR1, k) for k in range(4)]
+        # Robots 1 and 3 use real-time chunking: their previous plan travels with the request.
+        prefixes = [None, ChunkPrefix(np.tile(observations[1].state, (3, 1)), 2), None,
+                    ChunkPrefix(np.tile(observations[3].state, (5, 1)), 1, "linear")]
+        alone = [robot.infer(obs, prefix=prefix).actions for robot, obs, prefix
+                 in zip(robots, observations, prefixes, strict=True)]
+        np.testing.assert_allclose(alone[1][:2], prefixes[1].actions[:2], atol=1e-5)
+        assert server.batches == [1, 1, 1, 1]  # one after the other: alone
+        start, together = threading.Barrier(4), [None] * 4
+
+        def ask(k):
+            start.wait()
+            together[k] = robots[k].infer(observations[k], prefix=prefixes[k]).actions
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert max(server.batches[4:]) > 1, server.batches
+        for k in range(4):
+            np.testing.assert_allclose(together[k], alone[k], atol=1e-4)
+        assert not np.allclose(alone[0], alone[1]), "every robot keeps its own noise and state"
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+
+
+# -- the policy node as a client -------------------------------------------------------------
+
+
+class Node:
+    """The policy node in its own process (WidowX params file), dry run unless actuated."""
+
+    def __init__(self, log: Path, env=None, **params):
+        self.log = log
+        args = [sys.executable, "-m", "twinbrain_ros.ros.policy_node", "--ros-args",
+                "--params-file", str(config_dir() / "widowx.yaml"), "-p", "device:=cpu",
+                "-p", "max_input_age_s:=2.0", "-p", "diagnostics_period_s:=0.5"]
+        for key, value in params.items():
+            args += ["-p", f"{key}:={value}"]
+        self.handle = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env or dict(os.environ))
+
+    def stop(self) -> int:
+        code = stop_process_group(self.proc, timeout=20)
+        self.handle.close()
+        return code
+
+
+class Robot:
+    """Camera, joint states and instruction of a WidowX; records what comes back."""
+
+    def __init__(self):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from trajectory_msgs.msg import JointTrajectory
+
+        from twinbrain_ros.ros.conversions import rgb_to_image
+
+        self.rclpy, self.rgb_to_image = rclpy, rgb_to_image
+        rclpy.init()
+        self.node = rclpy.create_node("serving_robot")
+        self.arm, self.dry_run, self.diagnostics = [], [], []
+        self.node.create_subscription(JointTrajectory, WIDOWX.trajectory_topic,
+                                      self.arm.append, 20)
+        self.node.create_subscription(JointTrajectory, WIDOWX.dry_run_topic,
+                                      self.dry_run.append, 20)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics",
+                                      self.diagnostics.append, 20)
+        from sensor_msgs.msg import Image, JointState
+        from std_msgs.msg import String
+
+        self.JointState, self.String = JointState, String
+        self.image_pub = self.node.create_publisher(Image, WIDOWX.image_topics[0], 10)
+        self.joint_pub = self.node.create_publisher(JointState, WIDOWX.joint_state_topic, 10)
+        self.text_pub = self.node.create_publisher(String, WIDOWX.instruction_topic, 10)
+        self.observation = _observation(WIDOWX)
+        self.observation.state = np.array([0.0, 0.1, -0.2, 0.0, 0.4, 0.0, 0.03])
+
+    def publish(self):
+        stamp = self.node.get_clock().now().to_msg()
+        self.image_pub.publish(self.rgb_to_image(self.observation.images[0], stamp=stamp))
+        joints = self.JointState(name=list(WIDOWX.joint_names),
+                                 position=[float(v) for v in self.observation.state])
+        joints.header.stamp = stamp
+        self.joint_pub.publish(joints)
+        self.text_pub.publish(self.String(data=self.observation.instruction))
+
+    def spin_until(self, condition, timeout, node=None):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not condition():
+            if node is not None and node.proc.poll() is not None:
+                break
+            self.publish()
+            self.rclpy.spin_once(self.node, timeout_sec=0.05)
+        return condition()
+
+    def values(self):
+        for array in reversed(self.diagnostics):
+            for status in array.status:
+                if status.name == "twinbrain_ros: policy_node":
+                    return {kv.key: kv.value for kv in status.values}
+        return {}
+
+    def close(self):
+        self.node.destroy_node()
+        self.rclpy.shutdown()
+
+
+@pytest.fixture
+def robot(ros_env):
+    side = Robot()
+    yield side
+    side.close()
+
+
+def _positions(trajectory):
+    return np.array([p.positions for p in trajectory.points])
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_a_torch_free_client_node_plans_like_the_local_node(robot, checkpoints, tmp_path):
+    # A Python where `import torch` fails: the robot computer of a remote deployment.
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(fake.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    server = ServerProcess(checkpoints["widowx"], tmp_path / "server.log")
+    local = remote = None
+    try:
+        remote = Node(tmp_path / "remote.log", env=env, server=server.address,
+                      image_transport="png", seed=0)
+        assert robot.spin_until(lambda: robot.dry_run, 120, remote), \
+            (tmp_path / "remote.log").read_text()
+        first_remote = robot.dry_run[0]
+        assert robot.spin_until(lambda: "model.link" in robot.values(), 10)
+        values = robot.values()
+        assert values["model.link"] == "connected" and float(values["model.rtt_median_ms"]) > 0
+        assert values["model.server"] == server.address
+        remote.stop()
+        robot.dry_run.clear()
+        local = Node(tmp_path / "local.log", checkpoint=checkpoints["widowx"], seed=0)
+        assert robot.spin_until(lambda: robot.dry_run, 120, local), \
+            (tmp_path / "local.log").read_text()
+        first_local = robot.dry_run[0]
+        assert list(first_remote.joint_names) == list(first_local.joint_names)
+        # The same chunk (same observation, same seed). Points whose time passed during the
+        # round trip are dropped, and the first kept point is limited to one step from the
+        # measured position over the time left to it: the trajectories agree from there on.
+        remote_points, local_points = _positions(first_remote), _positions(first_local)
+        common = min(len(remote_points), len(local_points)) - 1
+        assert common >= 5
+        np.testing.assert_allclose(remote_points[-common:], local_points[-common:], atol=1e-6)
+    finally:
+        for node in (local, remote):
+            if node is not None:
+                node.stop()
+        server.stop()
+    assert "Traceback" not in (tmp_path / "remote.log").read_text()
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_a_killed_server_makes_the_node_hold_and_a_restarted_one_resumes(robot, checkpoints,
+                                                                        tmp_path):
+    server = ServerProcess(checkpoints["widowx"], tmp_path / "server.log")
+    port = server.port
+    node = Node(tmp_path / "node.log", server=server.address, enable_actuation="true",
+                server_timeout_s=1.0)
+    try:
+        assert robot.spin_until(lambda: len(robot.arm) >= 2, 120, node), \
+            (tmp_path / "node.log").read_text()
+        server.kill()
+        count = len(robot.arm)
+        assert robot.spin_until(lambda: len(robot.arm) > count
+                                and len(robot.arm[-1].points) == 1, 20, node)
+        np.testing.assert_allclose(_positions(robot.arm[-1])[0], robot.observation.state[:6],
+                                   atol=1e-9)
+        assert robot.spin_until(lambda: robot.values().get("model.link", "").startswith(
+            "down"), 10)
+        held = len(robot.arm)
+        robot.spin_until(lambda: False, 2.0)
+        assert len(robot.arm) == held, "planned without a server"
+        server = ServerProcess(checkpoints["widowx"], tmp_path / "server.log", port)
+        assert robot.spin_until(lambda: len(robot.arm) >= held + 2, 60, node), \
+            (tmp_path / "node.log").read_text()
+        assert robot.values().get("model.link") == "connected"
+        assert node.proc.poll() is None
+    finally:
+        assert node.stop() == 0
+        server.stop()
+    log = (tmp_path / "node.log").read_text()
+    assert "server_unreachable" in log and "Traceback" not in log
