@@ -612,10 +612,9 @@ class RunLogger:
         self.last_time = time.perf_counter()
         if not dist.main:
             return
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        self.bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True,
-                        file=sys.stdout)
+        self.bar = progress_bar(config.steps, "train", unit="step", initial=start)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -632,7 +631,8 @@ class RunLogger:
         rate = self.samples_per_step / max(now - self.last_time, 1e-9)
         self.last_time = now
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", samples_s=f"{rate:.1f}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", samples_s=f"{rate:.1f}",
+                             refresh=False)
         if self.writer is not None and step % self.config.log_every == 0:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr_right", lrs[0], step)

@@ -59,14 +59,14 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
     Returns:
         A report with the number of recorded episodes and the seeds that failed.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     emb = embodiment if isinstance(embodiment, Embodiment) else Embodiment.resolve(embodiment)
     report = RecordReport(root=Path(out))
     started = time.monotonic()
     writer = None
-    bar = tqdm(total=episodes * len(tasks), desc="demonstrations", unit="episode",
-               disable=not progress)
+    bar = progress_bar(episodes * len(tasks), "demonstrations", unit="episode",
+                       disable=not progress)
     for task in tasks:
         sim = make_backend(backend or emb.name, task=task, embodiment=emb,
                            image_width=image_size, image_height=image_size)
@@ -86,7 +86,8 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
                                    task=record.episode.instruction)
                 report.recorded += 1
                 report.frames += record.steps
-                bar.set_postfix(recorded=report.recorded, failed=len(report.failed_seeds))
+                bar.set_postfix(recorded=report.recorded, failed=len(report.failed_seeds),
+                                refresh=False)
         finally:
             sim.close()
     bar.close()
