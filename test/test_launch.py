@@ -358,6 +358,27 @@ def test_sim_launch_runs_an_expert_episode(prefix, ros_env, tmp_path):
     assert ended, run.text()
 
 
+@pytest.mark.ros
+@pytest.mark.slow
+def test_sim_launch_with_a_policy_starts_the_first_episode_once_it_is_ready(prefix, ros_env,
+                                                                           tmp_path):
+    pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
+    from twinbrain_ros.model.tiny import make_tiny_policy
+
+    checkpoint = make_tiny_policy("widowx", tmp_path / "tiny")
+    run = LaunchProcess(tmp_path, "task:=pick_cube", f"checkpoint:={checkpoint}",
+                        "image_size:=64", "real_time_factor:=4.0", "device:=cpu",
+                        launch_file=SIM_LAUNCH_FILE)
+    try:
+        ended = run.wait_for("episode 0 ended", timeout=240)
+    finally:
+        run.stop()
+    text = run.text()
+    assert ended, text
+    assert text.index("policy node ready") < text.index("episode 0:"), text
+    assert text.index("is ready") < text.index("episode 0:"), text
+
+
 def test_server_argument_makes_the_node_a_client(prefix):
     overrides = _overrides(_params_files(_resolve(server="gpu-box:8765"))[1])
     assert overrides["server"] == "gpu-box:8765" and overrides["checkpoint"] == ""
