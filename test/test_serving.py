@@ -365,12 +365,12 @@ def test_a_torch_free_client_node_plans_like_the_local_node(robot, checkpoints, 
         first_local = robot.dry_run[0]
         assert list(first_remote.joint_names) == list(first_local.joint_names)
         # The same chunk (same observation, same seed). Points whose time passed during the
-        # round trip are dropped, and the first kept point is limited to one step from the
-        # measured position over the time left to it: the trajectories agree from there on.
+        # round trip are dropped, and the first kept points are limited to one step from the
+        # measured position (and from each other) over the time left to them, which depends
+        # on the timing of each run: the last four points (half the chunk) are the chunk's own.
         remote_points, local_points = _positions(first_remote), _positions(first_local)
-        common = min(len(remote_points), len(local_points)) - 1
-        assert common >= 5
-        np.testing.assert_allclose(remote_points[-common:], local_points[-common:], atol=1e-6)
+        assert min(len(remote_points), len(local_points)) >= 6
+        np.testing.assert_allclose(remote_points[-4:], local_points[-4:], atol=1e-6)
     finally:
         for node in (local, remote):
             if node is not None:
