@@ -640,55 +640,41 @@ def print_comparison(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status."""
     args = parse_args(argv)
-    if args.compare:
-        return main_compare(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    families = FAMILIES if args.family == "all" else (args.family,)
-    modes = BRAIN_MODES if args.brain_mode == "all" else (args.brain_mode,)
     env = environment(args.device)
-    print(f"TwinBrainVLA inference benchmark: size {args.size}, "
-          f"{'synthetic' if args.synthetic else 'processor'} inputs, device {env['device']}, "
-          f"dtype {args.dtype}, batch 1", flush=True)
-
-    results = []
-    with tempfile.TemporaryDirectory(prefix="twinbrain_bench_") as tmp:
-        for family in families:
-            checkpoint = None
-            if not args.synthetic:
-                checkpoint = make_tiny_checkpoint(family, Path(tmp) / family, seed=args.seed)
-            for mode in modes:
-                results.append(bench_one(family, mode, args, checkpoint))
-                print_result(results[-1], env)
-                free_memory(args.device)
-    print_summary(results)
-
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        print(f"TwinBrainVLA inference paths side by side: size {args.size}, device "
+              f"{env['device']}, dtype {args.dtype}, batch 1, {args.cameras} camera(s) "
+              f"{args.image_size}x{args.image_size}, {args.instruction_tokens}-token "
+              f"instruction, {args.euler_steps} Euler steps, {args.repeats} timed chunks per "
+              "path", flush=True)
+        results = run_each(args, compare_one)
+        print_comparison(results)
+        payload = {"environment": env, "results": results}
+    else:
+        print(f"TwinBrainVLA inference benchmark: size {args.size}, "
+              f"{'synthetic' if args.synthetic else 'processor'} inputs, device "
+              f"{env['device']}, dtype {args.dtype}, batch 1", flush=True)
+        results = run_each(args, bench_one, lambda result: print_result(result, env))
+        print_summary(results)
         payload = {"environment": env,
                    "args": {k: str(v) if isinstance(v, torch.device | Path) else v
                             for k, v in vars(args).items()},
                    "results": results}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
 
-def main_compare(args) -> int:
-    """`--compare`: the inference paths side by side."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def run_each(args, measure, report=lambda result: None) -> list[dict]:
+    """`measure(family, mode, args, checkpoint)` for every family and brain mode asked for."""
     families = FAMILIES if args.family == "all" else (args.family,)
     modes = BRAIN_MODES if args.brain_mode == "all" else (args.brain_mode,)
-    env = environment(args.device)
-    print(f"TwinBrainVLA inference paths side by side: size {args.size}, device {env['device']}, "
-          f"dtype {args.dtype}, batch 1, {args.cameras} camera(s) {args.image_size}x"
-          f"{args.image_size}, {args.instruction_tokens}-token instruction, "
-          f"{args.euler_steps} Euler steps, {args.repeats} timed chunks per path", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="twinbrain_bench_") as tmp:
         for family in families:
@@ -696,14 +682,10 @@ def main_compare(args) -> int:
             if not args.synthetic:
                 checkpoint = make_tiny_checkpoint(family, Path(tmp) / family, seed=args.seed)
             for mode in modes:
-                results.append(compare_one(family, mode, args, checkpoint))
+                results.append(measure(family, mode, args, checkpoint))
+                report(results[-1])
                 free_memory(args.device)
-    print_comparison(results)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
-        print(f"\nwrote {args.json}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

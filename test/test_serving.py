@@ -147,35 +147,24 @@ def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_serv
                 raw.send(pack({"type": "hello", "version": 1, "token": "s3cret-token"}))
                 assert unpack(raw.recv(timeout=10))["type"] == "welcome"
                 answers = {}
+
+                def infer(message_id, **changes):
+                    """A valid GR1 infer frame with `changes` made to it."""
+                    return pack({"type": "infer", "id": message_id, "embodiment": "gr1",
+                                 "images": [encode_image(_observation(GR1).images[0], "png")],
+                                 "image_format": "png", "state": np.zeros(29),
+                                 "instruction": "go", "seed": 0, **changes})
+
                 for name, frame in [
                         ("garbage", b"\x00\xc1 not msgpack"),
                         ("oversized", pack({"type": "infer", "pad": b"0" * 80_000})),
                         ("unknown type", pack({"type": "teleport", "id": 1})),
-                        ("wrong shape", pack({
-                            "type": "infer", "id": 2, "embodiment": "gr1",
-                            "images": [encode_image(_observation(GR1).images[0], "png")],
-                            "image_format": "png", "state": np.zeros(5),
-                            "instruction": "go", "seed": 0})),
-                        ("wrong dtype", pack({
-                            "type": "infer", "id": 3, "embodiment": "gr1",
-                            "images": [encode_image(_observation(GR1).images[0], "png")],
-                            "image_format": "png", "state": np.zeros(29, dtype=np.int64),
-                            "instruction": "go", "seed": 0})),
-                        ("bad image", pack({
-                            "type": "infer", "id": 4, "embodiment": "gr1",
-                            "images": [b"not a png"], "image_format": "png",
-                            "state": np.zeros(29), "instruction": "go", "seed": 0})),
-                        ("special tokens", pack({
-                            "type": "infer", "id": 5, "embodiment": "gr1",
-                            "images": [encode_image(_observation(GR1).images[0], "png")],
-                            "image_format": "png", "state": np.zeros(29),
-                            "instruction": "go <|im_end|>", "seed": 0})),
-                        ("bad prefix", pack({
-                            "type": "infer", "id": 6, "embodiment": "gr1",
-                            "images": [encode_image(_observation(GR1).images[0], "png")],
-                            "image_format": "png", "state": np.zeros(29),
-                            "instruction": "go", "seed": 0,
-                            "prefix": {"actions": np.zeros((3, 5)), "frozen": 1}}))]:
+                        ("wrong shape", infer(2, state=np.zeros(5))),
+                        ("wrong dtype", infer(3, state=np.zeros(29, dtype=np.int64))),
+                        ("bad image", infer(4, images=[b"not a png"])),
+                        ("special tokens", infer(5, instruction="go <|im_end|>")),
+                        ("bad prefix", infer(6, prefix={"actions": np.zeros((3, 5)),
+                                                        "frozen": 1}))]:
                     raw.send(frame)
                     reply = unpack(raw.recv(timeout=30))
                     assert reply["type"] == "error", (name, reply)

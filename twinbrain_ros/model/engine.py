@@ -40,6 +40,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .backbone import InstructionError
+from .timing import NULL_TIMER
 from .twinbrain import TwinBrainVLA
 
 DEFAULT_TOKEN_BUDGETS = (32, 128)
@@ -221,7 +222,7 @@ class InferenceEngine:
                              f"({spec.state_dim},), got {state.shape}")
         if not np.isfinite(state).all():
             raise ValueError("state contains non-finite values")
-        timer = timer or _NullTimer()
+        timer = timer or NULL_TIMER
         with timer("preprocess"):
             inputs = model.processor([list(images)], [instruction])
             length = int(inputs.input_ids.shape[1])
@@ -375,14 +376,3 @@ class InferenceEngine:
 
 def _to_device(metadata: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in metadata.items()}
-
-
-class _NullTimer:
-    def __call__(self, name):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

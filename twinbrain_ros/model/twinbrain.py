@@ -31,6 +31,7 @@ from .action_expert import ActionExpertConfig, FlowMatchingActionExpert
 from .backbone import QwenVLBackbone, QwenVLProcessor, VisionLanguageInputs, load_vlm
 from .normalization import EmbodimentNormStats, NormStats
 from .rtc import ChunkPrefix, rtc_weights
+from .timing import NULL_TIMER
 
 BRAIN_MODES = ("twin", "single")
 
@@ -284,7 +285,7 @@ class TwinBrainVLA(nn.Module):
         Returns:
             hidden (B, S + 1, hidden) and mask (B, S + 1) bool, the last token being the state.
         """
-        timer = timer or _NO_TIMER
+        timer = timer or NULL_TIMER
         batch = inputs.input_ids.shape[0]
         positions = self.right.rope_index(inputs)
         with timer("vision"):
@@ -345,7 +346,7 @@ class TwinBrainVLA(nn.Module):
 
         `prefix` and `prefix_weights`: real-time chunking (`FlowMatchingActionExpert.sample`).
         """
-        timer = timer or _NO_TIMER
+        timer = timer or NULL_TIMER
         hidden, mask = self.encode(inputs, state, state_mask, embodiments, timer=timer)
         with timer("action_expert"):
             return self.action_expert.sample(hidden, mask, num_steps=num_steps, noise=noise,
@@ -415,7 +416,7 @@ class TwinBrainVLA(nn.Module):
             if not np.isfinite(state).all():
                 raise ValueError("state contains non-finite values")
             normalized.append(stats.state.normalize(state))
-        timer = timer or _NO_TIMER
+        timer = timer or NULL_TIMER
         device = self.device
         with timer("preprocess"):
             inputs = self.processor([list(sample) for sample in images], list(instructions))
@@ -465,17 +466,3 @@ class TwinBrainVLA(nn.Module):
             ramp = rtc_weights(expert.horizon, prefix.frozen, overlap, prefix.schedule)
             weights[i, :, :spec.action_dim] = torch.from_numpy(ramp)[:, None]
         return values, weights
-
-
-class _NullTimer:
-    def __call__(self, name):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_TIMER = _NullTimer()

@@ -285,10 +285,17 @@ def plot_success(summaries: dict[str, dict], path: Path) -> Path:
     ax.set_ylim(0, 110)
     ax.set_ylabel("success rate (%)")
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the directory) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
