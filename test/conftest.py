@@ -146,3 +146,53 @@ def stop_process_group(proc, timeout: float) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def talkative_backbone(out, family: str, tie_word_embeddings: bool = True):
+    """A tiny backbone whose greedy answers vary from token to token.
+
+    A random tiny model with tied embeddings only echoes its last input token (its residual
+    stream is dominated by the token's own embedding); scaling the decoder MLPs' output makes
+    the layers matter, so that a wrong position, cache or head shows up in the tokens.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    path = make_tiny_checkpoint(family, out, seed=0, tie_word_embeddings=tie_word_embeddings)
+    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mlp.down_proj.weight.mul_(50.0)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def reference_answer(backbone_path: str, images, question: str, image_size, max_new_tokens: int
+                     ) -> list[int]:
+    """transformers' own greedy `generate` of the base VLM: the answer's token ids.
+
+    The prompt is built here from the tokenizer's chat template, each image pad expanded to the
+    image processor's token count (transformers' processor class needs torchvision).
+    """
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path)
+    processor = AutoImageProcessor.from_pretrained(backbone_path, backend="pil")
+    model = AutoModelForImageTextToText.from_pretrained(backbone_path, dtype=torch.float32)
+    height, width = image_size
+    frames = [np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+              for image in images]
+    vision = processor(images=frames, return_tensors="pt")
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True, tokenize=False)
+    for grid in vision["image_grid_thw"]:
+        count = int(grid.prod()) // processor.merge_size**2
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * count, 1)
+    tokens = tokenizer([text.replace("<|placeholder|>", "<|image_pad|>")], return_tensors="pt")
+    mm_token_type_ids = (tokens["input_ids"] == model.config.image_token_id).int()
+    out = model.generate(**tokens, pixel_values=vision["pixel_values"],
+                         image_grid_thw=vision["image_grid_thw"],
+                         mm_token_type_ids=mm_token_type_ids, do_sample=False,
+                         repetition_penalty=1.0, max_new_tokens=max_new_tokens)
+    return out[0, tokens["input_ids"].shape[1]:].tolist()

@@ -92,6 +92,19 @@ def check_backbone_files(path: str | Path, weights: bool = True, full: bool = Fa
             raise BackboneError(f"{file} is truncated or corrupt: {exc}") from exc
 
 
+def _processor_chat_template(path: Path) -> str | None:
+    """The chat template a checkpoint's processor uses (chat_template.json), if it has one.
+
+    Qwen-VL checkpoints keep their image-aware template there; `chat_template.jinja` and
+    `tokenizer_config.json` are read by the tokenizer itself.
+    """
+    file = path / "chat_template.json"
+    if not file.is_file():
+        return None
+    template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+    return template if isinstance(template, str) and template else None
+
+
 def _model_class(model_type: str):
     from transformers import Qwen2_5_VLModel, Qwen3VLModel
 
@@ -286,7 +299,7 @@ class QwenVLProcessor:
     """
 
     def __init__(self, tokenizer, image_processor, image_token_id: int,
-                 image_size: tuple[int, int] | None = None):
+                 image_size: tuple[int, int] | None = None, chat_template: str | None = None):
         """Build from a loaded tokenizer and image processor.
 
         Args:
@@ -295,6 +308,8 @@ class QwenVLProcessor:
             image_token_id: id of `<|image_pad|>`.
             image_size: (height, width) every camera frame is resized to before the image
                 processor (None keeps the frame size), so that token counts stay fixed.
+            chat_template: the checkpoint's chat template (Jinja) for free-form questions
+                (`chat_prompt`); None: the tokenizer's own, if it has one.
         """
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -305,6 +320,7 @@ class QwenVLProcessor:
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, image_size=None) -> QwenVLProcessor:
@@ -325,7 +341,8 @@ class QwenVLProcessor:
             check_backbone_files(path, weights=False, full=True)  # names a corrupt file
             raise BackboneError(f"cannot load the tokenizer or image processor in {path}: "
                                 f"{exc}") from exc
-        return cls(tokenizer, image_processor, config["image_token_id"], image_size=image_size)
+        return cls(tokenizer, image_processor, config["image_token_id"], image_size=image_size,
+                   chat_template=_processor_chat_template(path))
 
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """The instruction's token count; `InstructionError` if it cannot be used as given.
@@ -335,21 +352,29 @@ class QwenVLProcessor:
         `instruction_special_tokens` (the chat format's or the vision markers' own tokens,
         which would change the prompt's structure).
         """
-        if len(instruction) > 8 * max_tokens:
-            raise InstructionError("instruction_too_long",
-                                   f"instruction of {len(instruction)} characters is longer "
-                                   f"than {max_tokens} tokens (max_instruction_tokens)")
-        specials = [t for t in self._special_tokens() if t in instruction]
+        return self.check_text(instruction, max_tokens)
+
+    def check_text(self, text: str, max_tokens: int, kind: str = "instruction",
+                   limit_name: str = "max_instruction_tokens") -> int:
+        """`check_instruction` for any user text (a question to the Left Brain, too).
+
+        Causes `{kind}_too_long` and `{kind}_special_tokens`; messages name `limit_name`.
+        """
+        if len(text) > 8 * max_tokens:
+            raise InstructionError(f"{kind}_too_long",
+                                   f"{kind} of {len(text)} characters is longer "
+                                   f"than {max_tokens} tokens ({limit_name})")
+        specials = [t for t in self._special_tokens() if t in text]
         if specials:
-            raise InstructionError("instruction_special_tokens",
-                                   f"instruction contains the special tokens "
+            raise InstructionError(f"{kind}_special_tokens",
+                                   f"{kind} contains the special tokens "
                                    f"{shorten(repr(specials[:3]), 80)}: "
-                                   f"{shorten(repr(instruction))}")
-        count = len(self.tokenizer(instruction, add_special_tokens=False)["input_ids"])
+                                   f"{shorten(repr(text))}")
+        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if count > max_tokens:
-            raise InstructionError("instruction_too_long",
-                                   f"instruction has {count} tokens, more than {max_tokens} "
-                                   "(max_instruction_tokens)")
+            raise InstructionError(f"{kind}_too_long",
+                                   f"{kind} has {count} tokens, more than {max_tokens} "
+                                   f"({limit_name})")
         return count
 
     def _special_tokens(self) -> list[str]:
@@ -366,6 +391,29 @@ class QwenVLProcessor:
         vision = f"<|vision_start|>{self.image_token}<|vision_end|>" * num_images
         return (f"<|im_start|>user\n{vision}{instruction}<|im_end|>\n"
                 "<|im_start|>assistant\n")
+
+    def chat_prompt(self, question: str, num_images: int) -> str:
+        """A question about `num_images` images in the checkpoint's own chat template.
+
+        The images come first, then the question, in one user turn, followed by the
+        template's generation prompt (as transformers' `apply_chat_template` renders it).
+
+        Raises:
+            BackboneError: the checkpoint has no chat template, or its template does not place
+                one image block per image.
+        """
+        if not self.chat_template:
+            raise BackboneError("the backbone checkpoint has no chat template (chat_template."
+                                "json, chat_template.jinja or tokenizer_config.json)")
+        content = [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": question})
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], chat_template=self.chat_template,
+            add_generation_prompt=True, tokenize=False)
+        if text.count(self.image_token) != num_images:
+            raise BackboneError(f"the chat template placed {text.count(self.image_token)} "
+                                f"image blocks for {num_images} image(s)")
+        return text
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         if self.image_size is None or tuple(image.shape[:2]) == self.image_size:
@@ -385,6 +433,18 @@ class QwenVLProcessor:
         """
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} image lists for {len(instructions)} instructions")
+        return self.encode(images, [self.prompt(instruction, len(sample))
+                                    for sample, instruction in zip(images, instructions,
+                                                                   strict=True)])
+
+    def encode(self, images: list[list[np.ndarray]], prompts: list[str]
+               ) -> VisionLanguageInputs:
+        """Process a batch of prompt texts holding one `<|image_pad|>` per image of the sample.
+
+        Each image pad is expanded to the image's token count.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
         flat = []
         for sample in images:
             if len(sample) == 0:
@@ -399,8 +459,7 @@ class QwenVLProcessor:
         grid = vision["image_grid_thw"]
         tokens_per_image = (grid.prod(-1) // self.merge_size**2).tolist()
         texts, k = [], 0
-        for sample, instruction in zip(images, instructions, strict=True):
-            text = self.prompt(instruction, len(sample))
+        for sample, text in zip(images, prompts, strict=True):
             # Expand each image pad to its token count (a marker avoids re-expanding).
             for _ in sample:
                 text = text.replace(self.image_token, "<|placeholder|>" * tokens_per_image[k], 1)

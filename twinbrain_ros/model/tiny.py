@@ -32,6 +32,21 @@ QWEN_SPECIAL_TOKENS = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
 
+# The Qwen chat format (`<|im_start|>role\n...<|im_end|>\n`, images as vision blocks in a
+# user turn), so that questions to a tiny model are rendered as a real checkpoint's would be.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 # Small images keep the tiny model fast: at most 112x112 pixels -> 8x8 patches -> 16 tokens.
 TINY_MAX_PIXELS = 112 * 112
 
@@ -58,6 +73,7 @@ def build_qwen_tokenizer():
     vocab, merges = _bpe_vocab_and_merges()
     tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
     tokenizer.add_tokens([AddedToken(tok, special=True) for tok in QWEN_SPECIAL_TOKENS])
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -82,11 +98,19 @@ def build_image_processor(family: str, max_pixels: int = TINY_MAX_PIXELS):
     )
 
 
-def make_tiny_checkpoint(family: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight tiny backbone checkpoint of `family` into `out` and return it."""
+def make_tiny_checkpoint(family: str, out: str | Path, seed: int = 0,
+                         tie_word_embeddings: bool = True) -> Path:
+    """Write a random-weight tiny backbone checkpoint of `family` into `out` and return it.
+
+    `tie_word_embeddings=False` gives it its own LM head (`lm_head.weight`), as the larger
+    Qwen-VL checkpoints have.
+    """
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
     config = backbone_config(family, "tiny")
+    if not tie_word_embeddings:
+        config.tie_word_embeddings = False
+        config.get_text_config().tie_word_embeddings = False
     model_cls = (Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
                  else Qwen3VLForConditionalGeneration)
     torch.manual_seed(seed)

@@ -53,7 +53,8 @@ class PolicyRuntime:
 
     def __init__(self, checkpoint: str, embodiment: Embodiment, device: str = "auto",
                  backbone_path: str | None = None, seed: int | None = None,
-                 inference: str = "auto", max_instruction_tokens: int = 128, log=None):
+                 inference: str = "auto", max_instruction_tokens: int = 128,
+                 max_question_tokens: int = 256, log=None):
         """Load the checkpoint on `device` (bf16 on CUDA, fp32 on CPU) and check it fits.
 
         Args:
@@ -65,6 +66,7 @@ class PolicyRuntime:
             inference: auto, eager or compiled (see `resolve_inference`).
             max_instruction_tokens: the longest instruction; the compiled engine's largest
                 token bucket.
+            max_question_tokens: the longest question to the Left Brain (`start_answer`).
             log: called with progress lines (compile times, fallbacks).
 
         Raises:
@@ -82,6 +84,8 @@ class PolicyRuntime:
         self.seed = seed
         self.log = log or (lambda text: None)
         self.engine = None
+        self.max_question_tokens = int(max_question_tokens)
+        self._chat = None
         self.inference = resolve_inference(inference, self.device)
         self.inference_state = self.inference
         self.warmup_s = None
@@ -121,6 +125,21 @@ class PolicyRuntime:
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """The instruction's token count; `InstructionError` (with a cause) if unusable."""
         return self.model.processor.check_instruction(instruction, max_tokens)
+
+    def start_answer(self, images: list, question: str, max_new_tokens: int):
+        """A generation answering `question` about `images` with the frozen Left Brain.
+
+        A `twinbrain_ros.model.ask.Generation`: run it with `step(max_tokens)` between
+        inference cycles.
+
+        Raises:
+            AskError: a single-brain checkpoint, an empty, too long or special-token question.
+        """
+        from ..model.ask import LeftBrainChat
+
+        if self._chat is None:
+            self._chat = LeftBrainChat(self.model, self.max_question_tokens)
+        return self._chat.start(images, question, max_new_tokens)
 
     def infer(self, observation: Observation, prefix: ChunkPrefix | None = None) -> ActionChunk:
         """Run the model on one observation; raises ValueError on unusable input.

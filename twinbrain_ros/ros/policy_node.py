@@ -49,6 +49,7 @@ from ..policy.recording import CycleRecorder
 from ..policy.scheduler import Trajectory
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
+from .asking import QuestionDesk
 from .conversions import (
     InputError,
     controller_trajectories,
@@ -104,6 +105,15 @@ _NODE_PARAMETERS = {
     "record_path": Param("", "directory for rerun recordings of the policy's cycles, one file "
                              "per instruction (an instruction repeated within 2 s continues "
                              "the file); empty: no recording"),
+    "ask_max_new_tokens": Param(64, "longest answer to a question on ~/ask, in tokens",
+                                (1, 4096)),
+    "ask_tokens_per_slice": Param(8, "most answer tokens generated between two inference "
+                                     "cycles (fewer when the time to the next cycle is short; "
+                                     "the prompt pass is one slice)", (1, 4096)),
+    "max_question_tokens": Param(256, "longest question on ~/ask in tokens; longer ones get an "
+                                      "error answer", (1, 8192)),
+    "ask_timeout_s": Param(120.0, "with a policy server: how long to wait for its answer",
+                           (0.1, 3600.0)),
     "max_input_age_s": Param(0.5, "an image or joint state older than this is stale",
                              (0.001, 60.0)),
     "max_sync_skew_s": Param(0.1, "largest allowed stamp difference between image(s) and joint "
@@ -160,6 +170,7 @@ class PolicyNode(Node):
                                     seed=None if p["seed"] < 0 else int(p["seed"]),
                                     inference=p["inference"],
                                     max_instruction_tokens=int(p["max_instruction_tokens"]),
+                                    max_question_tokens=int(p["max_question_tokens"]),
                                     log=self.get_logger().info)
         self.runtime = runtime
         if p["record_path"]:
@@ -232,6 +243,8 @@ class PolicyNode(Node):
         self._publishers_by_topic = {t: self.create_publisher(JointTrajectory, t, 10)
                                      for t in dict.fromkeys(topics) if t}
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.asking = QuestionDesk(self, int(p["max_question_tokens"]))
+        self.create_subscription(String, "~/ask", self.asking.on_question, 10)
         self.create_service(Trigger, "~/hold", self._on_hold)
         self.create_service(Trigger, "~/resume", self._on_resume)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -260,6 +273,7 @@ class PolicyNode(Node):
         token = read_token(p["server_token_file"]) if p["server_token_file"] else None
         return RemoteRuntime(p["server"], self.embodiment, token=token,
                              timeout_s=float(p["server_timeout_s"]),
+                             ask_timeout_s=float(p["ask_timeout_s"]),
                              image_format=p["image_transport"],
                              jpeg_quality=int(p["jpeg_quality"]),
                              seed=None if p["seed"] < 0 else int(p["seed"]),
@@ -530,6 +544,11 @@ class PolicyNode(Node):
                     self._reject("hold_failed", f"could not hold after {type(error).__name__}: "
                                                 f"{shorten(str(failure), 200)}", level="error")
             wait = self.period if planned else self.embodiment.dt
+            try:  # a question to the Left Brain: one slice, sized to the gap
+                self.asking.work(start + wait)
+            except Exception as error:  # noqa: BLE001 - never let the worker end
+                self._reject("ask_failed", f"answering failed: {type(error).__name__}: "
+                                           f"{shorten(str(error), 200)}", level="error")
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()  # waiting (a paused /clock too) is not a stall
                 elapsed = self._now() - start
@@ -555,6 +574,7 @@ class PolicyNode(Node):
         observation, observation_time, inputs = snapshot
         generation = self._generation
         started = self._now()
+        inputs["asking"] = self.asking.waiting
         with self._plan_lock:
             prefix = self.pipeline.prepare(observation, observation_time)
         recorder = self._record_observation(observation, observation_time, inputs["episode"])
@@ -579,6 +599,8 @@ class PolicyNode(Node):
                                  trajectory.positions)
         now = self._now()
         with self._stats_lock:
+            if self.cycles:
+                inputs["period_s"] = started - self.cycles[-1]["started"]
             self.latencies.append(result.chunk.latency_s)
             self.chunk_times.append(time.monotonic())
             # Time in the node beyond the model: snapshot, conversion, scheduling, safety,
@@ -786,6 +808,7 @@ class PolicyNode(Node):
         with self._stats_lock:
             latencies = list(self.latencies)
             overheads = [c["overhead_s"] for c in self.cycles]
+            cycles = list(self.cycles)
             chunk_times = list(self.chunk_times)
             rejected = sorted(self.rejected.items())
             last_error, holds = self.last_error, self.holds
@@ -817,6 +840,7 @@ class PolicyNode(Node):
             age = "never" if entry["received"] is None else f"{now - entry['received']:.2f}"
             values[f"input.{topic}.silent_s"] = age
             values[f"input.{topic}.resubscribed"] = str(entry["resubscribed"])
+        values.update(self.asking.diagnostics(cycles))
         values["actuation_enabled"] = str(self.actuate)
         values["embodiment"] = self.embodiment.name
         for key, value in getattr(self.runtime, "identity", {}).items():

@@ -154,7 +154,7 @@ class RemoteRuntime:
 
     def __init__(self, address: str, embodiment, token: str | None = None,
                  timeout_s: float = 1.0, image_format: str = "jpeg", jpeg_quality: int = 90,
-                 seed: int | None = None, log=None):
+                 seed: int | None = None, ask_timeout_s: float = 120.0, log=None):
         """Connect and check the server's contract against `embodiment`.
 
         Raises:
@@ -167,6 +167,10 @@ class RemoteRuntime:
         self.log = log or (lambda text: None)
         self.client = PolicyClient(address, token=token, timeout_s=timeout_s,
                                    name=f"policy_node {embodiment.name}")
+        # Questions go over a connection of their own: an answer takes longer than a chunk,
+        # and the server serves one message per connection at a time.
+        self.ask_client = PolicyClient(address, token=token, timeout_s=ask_timeout_s,
+                                       name=f"policy_node {embodiment.name} (questions)")
         self.contract: dict | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -270,6 +274,31 @@ class RemoteRuntime:
                                            f"{actions.shape}, expected {expected}")
         return ActionChunk(actions=actions, latency_s=elapsed)
 
+    def ask(self, images: list, question: str, max_new_tokens: int) -> dict:
+        """Have the server's Left Brain answer `question` about `images` (blocking).
+
+        Returns the server's answer message (`answer`, `tokens`, `finish`, `server_s`).
+
+        Raises:
+            ServerError: unreachable, late (`ask_timeout_s`) or the server's cause (e.g.
+                `no_left_brain`, `question_too_long`).
+        """
+        if not self.ask_client.connected:
+            self.ask_client.connect()
+        size = tuple(self.contract["image_size"]) if self.contract else None
+        encoded = [encode_image(np.asarray(image, dtype=np.uint8) if size is None else
+                                resize(np.asarray(image, dtype=np.uint8), size),
+                                self.image_format, self.jpeg_quality) for image in images]
+        reply = self.ask_client.request({"type": "ask", "images": encoded,
+                                         "image_format": self.image_format,
+                                         "question": question,
+                                         "max_new_tokens": int(max_new_tokens)})
+        if reply.get("type") != "answer" or not isinstance(reply.get("answer"), str):
+            raise ServerError("bad_reply", f"the server answered a question with "
+                                           f"{shorten(repr(reply.get('type')), 40)}")
+        return reply
+
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
         self.client.close()
+        self.ask_client.close()

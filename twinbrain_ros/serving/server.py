@@ -2,6 +2,7 @@
 
     ros2 run twinbrain_ros policy_server --checkpoint DIR [--host 127.0.0.1] [--port 8765]
         [--device auto] [--token-file F] [--max-batch 8] [--max-wait-ms 5] [--inference auto]
+        [--max-question-tokens 256] [--max-answer-tokens 512] [--ask-tokens-per-slice 8]
     python -m twinbrain_ros.serving.server --checkpoint DIR ...
 
 Robots connect with `policy.launch.py server:=HOST:PORT` (the policy node as a client, see
@@ -16,6 +17,10 @@ Robots connect with `policy.launch.py server:=HOST:PORT` (the policy node as a c
   the noise of its own seed, so a robot gets the chunk it would get alone. Requests are served
   first come, first served: none waits behind more than one batch. A lone request runs on the
   compiled engine when there is one.
+- Questions: an ask message (images, a question, a token limit) is answered by the frozen Left
+  Brain (`twinbrain_ros.model.ask`), a slice of `ask_tokens_per_slice` tokens at a time while no
+  inference request waits, so robots keep their chunk rate. Robots ask over a second connection
+  (one connection serves one message at a time).
 - Real-time chunking: an infer message may carry the previous plan's overlap (`prefix`:
   actions in raw units, how many are frozen, the schedule); the sampler inpaints it
   (`twinbrain_ros.model.rtc`). Requests with and without one batch together.
@@ -58,6 +63,20 @@ HELLO_TIMEOUT_S = 10.0
 
 
 @dataclass
+class _Question:
+    """A question to the Left Brain (answered in slices between inference batches)."""
+
+    images: list[np.ndarray]
+    question: str
+    max_new_tokens: int
+    id: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    generation: object = None
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class _Request:
     """One decoded inference request waiting for the model."""
 
@@ -80,7 +99,8 @@ class PolicyServer:
                  port: int = DEFAULT_PORT, token: str | None = None, max_batch: int = 8,
                  max_wait_ms: float = 5.0, max_message_mb: float = 16.0,
                  inference: str = "auto", backbone_path: str | None = None,
-                 max_instruction_tokens: int = 128, log=None):
+                 max_instruction_tokens: int = 128, max_question_tokens: int = 256,
+                 max_answer_tokens: int = 512, ask_tokens_per_slice: int = 8, log=None):
         """Load the model (and warm up the compiled engine when it is used)."""
         import torch
 
@@ -95,6 +115,11 @@ class PolicyServer:
         self.max_batch, self.max_wait_s = int(max_batch), float(max_wait_ms) / 1000.0
         self.max_bytes = int(max_message_mb * 2**20)
         self.max_instruction_tokens = int(max_instruction_tokens)
+        if min(max_question_tokens, max_answer_tokens, ask_tokens_per_slice) < 1:
+            raise ValueError("max_question_tokens, max_answer_tokens and ask_tokens_per_slice "
+                             "must be >= 1")
+        self.max_answer_tokens = int(max_answer_tokens)
+        self.ask_tokens_per_slice = int(ask_tokens_per_slice)
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_checkpoint(checkpoint, device=self.device, dtype=dtype,
@@ -112,6 +137,12 @@ class PolicyServer:
                 "max_instruction_tokens": self.max_instruction_tokens,
                 "special_tokens": processor._special_tokens(),
             }
+        self.chat = None   # the Left Brain's answers (twin checkpoints only)
+        if config.brain_mode == "twin":
+            from ..model.ask import LeftBrainChat
+
+            self.chat = LeftBrainChat(self.model, int(max_question_tokens))
+        self._questions: list[_Question] = []   # being answered, first come first served
         self.inference = resolve_inference(inference, self.device)
         self.engines = {}
         if self.inference == "compiled":
@@ -147,9 +178,20 @@ class PolicyServer:
 
     def _serve_model(self) -> None:
         while not self._stopping.is_set():
-            first = self._queue.get()
+            if self._questions:
+                # Inference first: a slice of an answer only when no request waits.
+                try:
+                    first = self._queue.get_nowait()
+                except queue.Empty:
+                    self._answer_slice()
+                    continue
+            else:
+                first = self._queue.get()
             if first is None:
                 return
+            if isinstance(first, _Question):
+                self._questions.append(first)
+                continue
             batch = [first]
             deadline = time.perf_counter() + self.max_wait_s
             # Waiting for company only pays when other robots are connected.
@@ -164,6 +206,9 @@ class PolicyServer:
                 if item is None:
                     self._stopping.set()
                     break
+                if isinstance(item, _Question):
+                    self._questions.append(item)
+                    continue
                 batch.append(item)
             groups: dict[tuple, list[_Request]] = {}
             for request in batch:
@@ -200,8 +245,31 @@ class PolicyServer:
                                   "actions": np.asarray(chunk, dtype=np.float64),
                                   "server_s": seconds, "batch": len(requests)})
 
+    def _answer_slice(self) -> None:
+        """One slice of the oldest question's answer (the prompt pass is a slice of its own)."""
+        question = self._questions[0]
+        try:
+            if question.generation is None:
+                question.generation = self.chat.start(question.images, question.question,
+                                                      question.max_new_tokens)
+                question.generation.step(1)
+            else:
+                question.generation.step(self.ask_tokens_per_slice)
+        except Exception as error:  # noqa: BLE001 - one bad question must not stop serving
+            self._questions.pop(0)
+            self._reply(question, {"type": "error", "id": question.id,
+                                   "cause": getattr(error, "cause", "answer_failed"),
+                                   "message": shorten(str(error), 500)})
+            return
+        if question.generation.done:
+            self._questions.pop(0)
+            answer = question.generation.result()
+            self._reply(question, {"type": "answer", "id": question.id, "answer": answer.text,
+                                   "tokens": len(answer.token_ids), "finish": answer.finish,
+                                   "server_s": answer.prefill_s + answer.decode_s})
+
     @staticmethod
-    def _reply(request: _Request, message: dict) -> None:
+    def _reply(request: _Request | _Question, message: dict) -> None:
         def deliver():
             if not request.future.done():
                 request.future.set_result(message)
@@ -270,11 +338,14 @@ class PolicyServer:
             request_id = message.get("id") if isinstance(message.get("id"), int) else None
             if message["type"] == "ping":
                 return {"type": "pong", "id": request_id}
-            if message["type"] != "infer":
+            loop = asyncio.get_running_loop()
+            if message["type"] == "ask":
+                request = self._question(message, loop)
+            elif message["type"] == "infer":
+                request = self._request(message, loop)
+            else:
                 raise ProtocolError("unknown_type", f"unknown message type "
                                                     f"{shorten(repr(message['type']), 40)}")
-            loop = asyncio.get_running_loop()
-            request = self._request(message, loop)
         except CausedError as error:
             return {"type": "error", "id": request_id, "cause": error.cause,
                     "message": shorten(str(error), 500)}
@@ -320,6 +391,32 @@ class PolicyServer:
         return _Request(embodiment=key, images=decoded, state=np.array(state, np.float32),
                         instruction=instruction, seed=seed, id=message["id"], loop=loop,
                         prefix=prefix, future=loop.create_future())
+
+    def _question(self, message: dict, loop) -> _Question:
+        """A checked ask message (the question's tokens are checked by the model thread)."""
+        if not isinstance(message.get("id"), int):
+            raise ProtocolError("malformed", "an ask message needs an integer id")
+        if self.chat is None:
+            raise ProtocolError("no_left_brain", "this checkpoint has brain_mode 'single': "
+                                                 "there is no frozen Left Brain to answer "
+                                                 "questions")
+        images = message.get("images")
+        if not isinstance(images, list) or not 1 <= len(images) <= 16:
+            raise ProtocolError("bad_images", "an ask message holds 1 to 16 images")
+        if message.get("image_format") not in IMAGE_FORMATS:
+            raise ProtocolError("bad_images", f"image_format must be one of {IMAGE_FORMATS}")
+        decoded = [decode_image(image) for image in images]
+        question = message.get("question")
+        if not isinstance(question, str):
+            raise ProtocolError("bad_question", "question must be a string")
+        self.chat.check_question(question)
+        max_new_tokens = message.get("max_new_tokens")
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens:
+            raise ProtocolError("bad_max_new_tokens", "max_new_tokens must be a positive "
+                                                      "integer")
+        return _Question(images=decoded, question=question,
+                         max_new_tokens=min(max_new_tokens, self.max_answer_tokens),
+                         id=message["id"], loop=loop, future=loop.create_future())
 
     @staticmethod
     def _prefix(prefix, contract: dict) -> ChunkPrefix | None:
@@ -427,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inference", default="auto", choices=("auto", "eager", "compiled"),
                         help="auto: compiled on CUDA, eager on the CPU")
     parser.add_argument("--max-instruction-tokens", type=int, default=128)
+    parser.add_argument("--max-question-tokens", type=int, default=256,
+                        help="longest question to the Left Brain")
+    parser.add_argument("--max-answer-tokens", type=int, default=512,
+                        help="longest answer (a client asking for more gets this many)")
+    parser.add_argument("--ask-tokens-per-slice", type=int, default=8,
+                        help="answer tokens generated between two inference batches")
     parser.add_argument("--backbone-path", default="",
                         help="override of the base Qwen-VL directory stored in the checkpoint")
     return parser
@@ -444,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
                               max_wait_ms=args.max_wait_ms, max_message_mb=args.max_message_mb,
                               inference=args.inference,
                               backbone_path=args.backbone_path or None,
-                              max_instruction_tokens=args.max_instruction_tokens)
+                              max_instruction_tokens=args.max_instruction_tokens,
+                              max_question_tokens=args.max_question_tokens,
+                              max_answer_tokens=args.max_answer_tokens,
+                              ask_tokens_per_slice=args.ask_tokens_per_slice)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"policy_server: {error}", file=sys.stderr, flush=True)
         return 1

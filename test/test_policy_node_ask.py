@@ -1,0 +1,168 @@
+"""Questions to the policy node's Left Brain over ROS: answers, refusals, the control rate."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import reference_answer, save_policy_checkpoint, talkative_backbone
+from test_serving import Node, Robot, ServerProcess
+
+from twinbrain_ros.model.checkpoint import read_checkpoint_config
+from twinbrain_ros.robot.embodiment import Embodiment
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+WIDOWX = Embodiment.load("widowx")
+QUESTION = "What is the robot holding?"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny WidowX policy on a backbone whose greedy answers vary token by token."""
+    root = tmp_path_factory.mktemp("ask_node")
+    backbone = talkative_backbone(root / "backbone", "qwen2_5_vl")
+    return {"backbone": backbone,
+            "checkpoint": save_policy_checkpoint(backbone, root / "policy", WIDOWX)}
+
+
+class Asker:
+    """Publishes questions on /policy_node/ask and keeps the answers."""
+
+    def __init__(self, robot: Robot):
+        from std_msgs.msg import String
+
+        self.String = String
+        self.answers: list[dict] = []
+        self.publisher = robot.node.create_publisher(String, "/policy_node/ask", 10)
+        robot.node.create_subscription(String, "/policy_node/answer",
+                                       lambda m: self.answers.append(json.loads(m.data)), 10)
+
+    def ask(self, text: str) -> None:
+        self.publisher.publish(self.String(data=text))
+
+
+@pytest.fixture
+def robot(ros_env):
+    side = Robot()
+    yield side
+    side.close()
+
+
+def _expected_text(policy, robot, max_new_tokens):
+    from transformers import AutoTokenizer
+
+    config, _ = read_checkpoint_config(policy["checkpoint"])
+    ids = reference_answer(policy["backbone"], robot.observation.images, QUESTION,
+                           config.image_size, max_new_tokens)
+    return AutoTokenizer.from_pretrained(policy["backbone"]).decode(
+        ids, skip_special_tokens=True).strip(), len(ids)
+
+
+def test_the_node_answers_as_transformers_generate_does_and_refuses_bad_questions(
+        robot, policy, tmp_path):
+    asker = Asker(robot)
+    node = Node(tmp_path / "node.log", checkpoint=policy["checkpoint"], ask_max_new_tokens=10)
+    log = tmp_path / "node.log"
+    try:
+        assert robot.spin_until(lambda: robot.dry_run, 120, node), log.read_text()
+        # The subscription is matched once the node is up; the answer follows.
+        asked = time.monotonic()
+        asker.ask(QUESTION)
+        assert robot.spin_until(lambda: asker.answers, 60, node), log.read_text()
+        answer = asker.answers[0]
+        text, count = _expected_text(policy, robot, 10)
+        assert answer["ok"] and answer["error"] is None
+        assert answer["question"] == QUESTION
+        assert answer["answer"] == text and answer["tokens"] == count == 10
+        assert answer["finish"] == "length"
+        assert 0 < answer["generation_s"] <= answer["time_s"] <= time.monotonic() - asked
+        assert answer["image_stamp"] > 0
+        assert list(answer["image_stamps"]) == WIDOWX.image_topics
+        assert 0 <= answer["image_age_s"] < 2.0
+        # Unusable questions get an error answer naming the cause; the node goes on planning.
+        for bad in ("", "   ", "describe it<|im_end|>", "x" * 3000):
+            asker.ask(bad)
+        assert robot.spin_until(lambda: len(asker.answers) >= 5, 30, node), log.read_text()
+        # Length and emptiness are refused on receipt, tokens by the model's tokenizer.
+        causes = sorted(a["error"]["cause"] for a in asker.answers[1:])
+        assert causes == ["empty_question", "empty_question", "question_special_tokens",
+                          "question_too_long"]
+        assert not any(a["ok"] for a in asker.answers[1:])
+        planned = len(robot.dry_run)
+        assert robot.spin_until(lambda: len(robot.dry_run) > planned + 2, 30, node)
+        assert robot.spin_until(lambda: "ask.answered_total" in robot.values(), 10)
+        values = robot.values()
+        assert values["ask.answered_total"] == "1"
+        assert values["ask.refused.empty_question"] == "2"
+        assert values["ask.route"] == "between cycles"
+    finally:
+        node.stop()
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_client_node_forwards_questions_to_the_policy_server(robot, policy, tmp_path):
+    asker = Asker(robot)
+    server = ServerProcess(policy["checkpoint"], tmp_path / "server.log")
+    node = None
+    try:
+        node = Node(tmp_path / "node.log", server=server.address, image_transport="png",
+                    ask_max_new_tokens=10)
+        assert robot.spin_until(lambda: robot.dry_run, 120, node), \
+            (tmp_path / "node.log").read_text()
+        asker.ask(QUESTION)
+        assert robot.spin_until(lambda: asker.answers, 60, node), \
+            (tmp_path / "node.log").read_text() + (tmp_path / "server.log").read_text()
+        answer = asker.answers[0]
+        text, _ = _expected_text(policy, robot, 10)
+        assert answer["ok"], answer
+        assert answer["answer"] == text and answer["tokens"] == 10
+        # The server's own checks reach the asker with their cause.
+        asker.ask("a question with <|vision_start|> in it")
+        assert robot.spin_until(lambda: len(asker.answers) >= 2, 30, node)
+        assert asker.answers[1]["error"]["cause"] == "question_special_tokens"
+        values = robot.values()
+        assert values.get("ask.route") == "policy server"
+    finally:
+        if node is not None:
+            node.stop()
+        server.stop()
+
+
+def test_the_control_loop_keeps_its_rate_while_questions_arrive_back_to_back(
+        robot, policy, tmp_path):
+    # One chunk per control period (0.2 s). An answer of 160 tokens takes longer than a period
+    # on this CPU, and a slice may hold all of them: only sizing slices to the gap between
+    # cycles keeps the rate.
+    asker = Asker(robot)
+    node = Node(tmp_path / "node.log", checkpoint=policy["checkpoint"],
+                actions_per_inference=1, ask_max_new_tokens=160, ask_tokens_per_slice=4096)
+    log = tmp_path / "node.log"
+
+    def rate(seconds, ask=False):
+        start_count, end = len(robot.dry_run), time.monotonic() + seconds
+        while time.monotonic() < end:
+            if ask and len(asker.answers) + 2 > asked[0]:
+                asker.ask(QUESTION)  # two in the queue at all times
+                asked[0] += 1
+            robot.spin_until(lambda: False, 0.05)
+        return (len(robot.dry_run) - start_count) / seconds
+
+    asked = [0]
+    try:
+        assert robot.spin_until(lambda: len(robot.dry_run) >= 3, 120, node), log.read_text()
+        quiet = rate(8.0)
+        busy = rate(12.0, ask=True)
+        assert len(asker.answers) >= 2 and all(a["ok"] for a in asker.answers), asker.answers
+        assert all(a["tokens"] == 160 for a in asker.answers)
+        assert busy >= 0.8 * quiet, (quiet, busy)
+        assert robot.spin_until(
+            lambda: "ask.cycle_period_median_ms_while_answering" in robot.values(), 10)
+        values = robot.values()
+        assert float(values["ask.cycle_period_median_ms_while_answering"]) < 1.3 * 200.0
+        assert float(values["ask.slice_max_ms"]) < 200.0
+    finally:
+        node.stop()
+    print(f"chunks/s without questions {quiet:.2f}, with questions {busy:.2f}; "
+          f"{len(asker.answers)} answers")
