@@ -148,13 +148,17 @@ def stop_process_group(proc, timeout: float) -> int:
     return proc.returncode
 
 
-def talkative_backbone(out, family: str, tie_word_embeddings: bool = True):
+def talkative_backbone(out, family: str, tie_word_embeddings: bool = True,
+                       repetition_penalty: float | None = None):
     """A tiny backbone whose greedy answers vary from token to token.
 
     A random tiny model with tied embeddings only echoes its last input token (its residual
     stream is dominated by the token's own embedding); scaling the decoder MLPs' output makes
     the layers matter, so that a wrong position, cache or head shows up in the tokens.
+    `repetition_penalty` goes into its generation config (Qwen2.5-VL-Instruct's has 1.05).
     """
+    import json
+
     from transformers import AutoModelForImageTextToText
 
     path = make_tiny_checkpoint(family, out, seed=0, tie_word_embeddings=tie_word_embeddings)
@@ -163,6 +167,10 @@ def talkative_backbone(out, family: str, tie_word_embeddings: bool = True):
         for layer in model.model.language_model.layers:
             layer.mlp.down_proj.weight.mul_(50.0)
     model.save_pretrained(path)
+    if repetition_penalty is not None:
+        file = path / "generation_config.json"
+        config = json.loads(file.read_text())
+        file.write_text(json.dumps({**config, "repetition_penalty": repetition_penalty}))
     return str(path)
 
 
@@ -171,7 +179,8 @@ def reference_answer(backbone_path: str, images, question: str, image_size, max_
     """transformers' own greedy `generate` of the base VLM: the answer's token ids.
 
     The prompt is built here from the tokenizer's chat template, each image pad expanded to the
-    image processor's token count (transformers' processor class needs torchvision).
+    image processor's token count (transformers' processor class needs torchvision). The
+    checkpoint's generation config applies (end tokens, repetition penalty), as in `generate`.
     """
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -194,5 +203,5 @@ def reference_answer(backbone_path: str, images, question: str, image_size, max_
     out = model.generate(**tokens, pixel_values=vision["pixel_values"],
                          image_grid_thw=vision["image_grid_thw"],
                          mm_token_type_ids=mm_token_type_ids, do_sample=False,
-                         repetition_penalty=1.0, max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens)
     return out[0, tokens["input_ids"].shape[1]:].tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import (
@@ -84,9 +86,34 @@ def test_an_end_token_ends_the_answer(backbones):
     assert answer.finish == "eos" and answer.token_ids == first[:3]
 
 
-def test_the_end_tokens_are_the_generation_configs(backbones):
-    chat = LeftBrainChat(build_model(backbones[("qwen2_5_vl", True)]).eval())
+def test_end_tokens_and_repetition_penalty_come_from_the_generation_config(tmp_path):
+    import json
+
+    from twinbrain_ros.model.tiny import make_tiny_checkpoint
+
+    # A plain tiny model echoes the prompt's last token ("\n"), a repeat that a repetition
+    # penalty acts on (Qwen2.5-VL-Instruct's is 1.05; 1.5 here moves this model's argmax).
+    path = make_tiny_checkpoint("qwen2_5_vl", tmp_path / "echo", seed=0)
+    model = build_model(str(path)).eval()
+    plain = LeftBrainChat(model).answer([camera_frame(3)], QUESTION, 8).token_ids
+    file = path / "generation_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "repetition_penalty": 1.5}))
+    chat = LeftBrainChat(model)
     assert chat.eos_ids == [chat.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert chat.repetition_penalty == 1.5
+    penalised = chat.answer([camera_frame(3)], QUESTION, 8).token_ids
+    assert penalised != plain
+    assert penalised == reference_answer(str(path), [camera_frame(3)], QUESTION,
+                                         model.config.image_size, 8)
+
+
+def test_an_untied_head_is_read_in_the_background(backbones):
+    chat = LeftBrainChat(build_model(backbones[("qwen3_vl", False)]).eval())
+    deadline = time.monotonic() + 30
+    while not chat.head_ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert chat._loader is not None and chat._head is not None  # read by the thread
 
 
 @pytest.mark.parametrize(("question", "cause"), [

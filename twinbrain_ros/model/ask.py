@@ -3,13 +3,14 @@
 The Left Brain is never trained, so it keeps the base checkpoint's visual-language skill. This
 module lets an operator use it: a question about the robot's camera images is put in the
 checkpoint's own chat template and answered by greedy decoding, the way transformers'
-`generate(do_sample=False)` answers it with the base model.
+`generate(do_sample=False)` answers it with the base model (its generation config's end tokens
+and repetition penalty included).
 
 Nothing is loaded twice. The Left Brain's vision tower, embeddings and decoder layers are the
 policy's own; only the language-model head is added, and it is computed for the last position
 only: with tied embeddings (Qwen2.5-VL-3B, Qwen3-VL-4B) it is the embedding matrix itself,
-otherwise `lm_head.weight` is read from the base checkpoint's safetensors once, on the first
-question.
+otherwise `lm_head.weight` is read from the base checkpoint's safetensors once, when the first
+question comes (in a background thread: see `LeftBrainChat.head_ready`).
 
 Generation runs in slices (`Generation.step(max_tokens)`): the policy node runs one slice
 between two inference cycles, so that answering never stops the robot's control loop.
@@ -18,6 +19,7 @@ between two inference cycles, so that answering never stops the robot's control 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,19 +90,21 @@ def _read_tensor(path: Path, name: str) -> torch.Tensor:
                         f"{name} in its safetensors files")
 
 
-def eos_token_ids(backbone_path: str | Path, tokenizer) -> list[int]:
-    """The ids that end an answer: the checkpoint's generation config's, as `generate` uses.
+def generation_settings(backbone_path: str | Path, tokenizer) -> tuple[list[int], float]:
+    """The end-token ids and the repetition penalty of the checkpoint's generation config.
 
-    Without a generation config: the tokenizer's end-of-text token and `<|im_end|>`.
+    What transformers' greedy `generate` uses from `generation_config.json` (sampling settings
+    do not apply to greedy decoding). Without the file: the tokenizer's end-of-text token and
+    `<|im_end|>`, no penalty.
     """
     file = Path(backbone_path) / "generation_config.json"
-    ids = None
-    if file.is_file():
-        ids = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    ids = config.get("eos_token_id")
     if ids is None:
         ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     ids = ids if isinstance(ids, list) else [ids]
-    return sorted({int(i) for i in ids if i is not None})
+    penalty = float(config.get("repetition_penalty") or 1.0)
+    return sorted({int(i) for i in ids if i is not None}), penalty
 
 
 class LeftBrainChat:
@@ -123,15 +127,43 @@ class LeftBrainChat:
         self.left = model.left
         self.processor = model.processor
         self.max_question_tokens = int(max_question_tokens)
-        self.eos_ids = eos_token_ids(model.config.backbone_path, self.processor.tokenizer)
+        self.eos_ids, self.repetition_penalty = generation_settings(
+            model.config.backbone_path, self.processor.tokenizer)
         self._head: torch.Tensor | None = None
+        self._head_error: Exception | None = None
+        self._loader: threading.Thread | None = None
 
     @property
     def head(self) -> torch.Tensor:
-        """The LM head weight (loaded on first use when untied)."""
+        """The LM head weight (read now if untied and not loaded yet)."""
         if self._head is None:
-            self._head = lm_head_weight(self.model)
+            if self._loader is not None:
+                self._loader.join()
+            if self._head_error is not None:
+                raise self._head_error
+            if self._head is None:
+                self._head = lm_head_weight(self.model)
         return self._head
+
+    def head_ready(self) -> bool:
+        """Whether answering can start without reading weights; starts reading them if not.
+
+        An untied head (about 1 GB in bf16 for a 7B/8B model) is read in a background thread,
+        so that a control loop asking this between its cycles never waits for the disk. A
+        failed read is raised by the next `start`.
+        """
+        if self._head is not None or self._head_error is not None:
+            return True
+        if self._loader is None:
+            def load():
+                try:
+                    self._head = lm_head_weight(self.model)
+                except Exception as error:  # noqa: BLE001 - raised by the next `start`
+                    self._head_error = error
+
+            self._loader = threading.Thread(target=load, name="lm_head", daemon=True)
+            self._loader.start()
+        return not self._loader.is_alive()
 
     def check_question(self, question: str) -> str:
         """The question stripped; `AskError` if empty, too long or holding special tokens."""
@@ -165,6 +197,7 @@ class LeftBrainChat:
         if max_new_tokens < 1:
             raise AskError("bad_max_new_tokens", "max_new_tokens must be at least 1")
         prompt = self.processor.chat_prompt(question, len(images))
+        self.head  # noqa: B018 - the head (or the reason it cannot be read) before any work
         return Generation(self, list(images), question, prompt, int(max_new_tokens))
 
     def answer(self, images: list[np.ndarray], question: str, max_new_tokens: int = 64
@@ -175,9 +208,19 @@ class LeftBrainChat:
             generation.step(max_new_tokens)
         return generation.result()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, hidden) final-norm states -> (B, vocab) logits, in float32 for the argmax."""
-        return torch.nn.functional.linear(hidden, self.head).float()
+    def logits(self, hidden: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(1, hidden) final-norm state -> (1, vocab) float32 logits, penalised as `generate`.
+
+        The score of every token in `seen` (prompt and answer so far) is divided by the
+        repetition penalty where positive and multiplied by it where negative.
+        """
+        logits = torch.nn.functional.linear(hidden, self.head).float()
+        if self.repetition_penalty != 1.0:
+            scores = logits.gather(1, seen)
+            scores = torch.where(scores < 0, scores * self.repetition_penalty,
+                                 scores / self.repetition_penalty)
+            logits = logits.scatter(1, seen, scores)
+        return logits
 
 
 @dataclass
@@ -196,6 +239,7 @@ class Generation:
     _cache: DynamicCache | None = None
     _length: int = 0          # tokens in the cache
     _position: int = 0        # M-RoPE position of the next token
+    _seen: torch.Tensor | None = None  # (1, n) prompt and answer ids (repetition penalty)
 
     @property
     def done(self) -> bool:
@@ -243,7 +287,8 @@ class Generation:
         self._length = inputs.input_ids.shape[1]
         # Text after the prompt continues from the prompt's largest M-RoPE position.
         self._position = int(inputs.position_ids.max()) + 1
-        self._append(chat.logits(hidden[:, -1]))
+        self._seen = inputs.input_ids
+        self._append(chat.logits(hidden[:, -1], self._seen))
 
     def _next(self) -> None:
         left, model = self.chat.left, self.chat.model
@@ -254,14 +299,16 @@ class Generation:
         positions = torch.full((3, 1, 1), self._position, dtype=torch.long, device=model.device)
         self._position += 1
         hidden = left.decode(embeds, mask, positions, past_key_values=self._cache)
-        self._append(self.chat.logits(hidden[:, -1]))
+        self._append(self.chat.logits(hidden[:, -1], self._seen))
 
     def _append(self, logits: torch.Tensor) -> None:
         token = int(logits.argmax(dim=-1)[0])
         self.token_ids.append(token)
+        self._seen = torch.cat([self._seen, self._seen.new_tensor([[token]])], dim=1)
         if token in self.chat.eos_ids:
             self.finish = "eos"
         elif len(self.token_ids) >= self.max_new_tokens:
             self.finish = "length"
         if self.finish:
-            self._cache = DynamicCache()  # free the K/V at once; the object may live on
+            # Free the K/V and inputs at once; the object may live on.
+            self._cache, self._seen, self.images = DynamicCache(), None, []

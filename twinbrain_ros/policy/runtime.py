@@ -135,11 +135,22 @@ class PolicyRuntime:
         Raises:
             AskError: a single-brain checkpoint, an empty, too long or special-token question.
         """
+        return self._left_chat().start(images, question, max_new_tokens)
+
+    def answering_ready(self) -> bool:
+        """Whether `start_answer` can begin without reading weights.
+
+        An untied LM head is read in the background meanwhile. `AskError` for a single-brain
+        checkpoint.
+        """
+        return self._left_chat().head_ready()
+
+    def _left_chat(self):
         from ..model.ask import LeftBrainChat
 
         if self._chat is None:
             self._chat = LeftBrainChat(self.model, self.max_question_tokens)
-        return self._chat.start(images, question, max_new_tokens)
+        return self._chat
 
     def infer(self, observation: Observation, prefix: ChunkPrefix | None = None) -> ActionChunk:
         """Run the model on one observation; raises ValueError on unusable input.

@@ -12,8 +12,9 @@ waiting), the same map with `ok: false` and an `error` naming the cause. The nod
 either way.
 
 With a local model, answering runs in the inference worker between two cycles: one slice per
-gap, the prompt pass as one slice, then at most `ask_tokens_per_slice` tokens, fewer when the
-measured time per token says the next cycle would start late. With a policy server the
+gap, the prompt pass as one slice (in a gap long enough for it, see `work`), then at most
+`ask_tokens_per_slice` tokens, fewer when the measured time per token says the next cycle would
+start late. With a policy server the
 question is forwarded to it over a second connection (the server slices the same way between
 its batches), from a thread of its own. `/diagnostics` shows the effect on control: the model
 latency and the period between cycles while an answer was being generated, next to the same
@@ -32,8 +33,9 @@ from std_msgs.msg import String
 
 from ..errors import CausedError, shorten
 
-MAX_PENDING = 8          # questions waiting; more get an error answer (`busy`)
+MAX_PENDING = 8          # questions held (the one being answered too); more: `busy`
 SLICE_MARGIN = 0.8       # share of the time to the next cycle a slice may take
+MAX_DEFERRALS = 5        # gaps a prompt pass waits for one long enough, then runs anyway
 
 
 class QuestionDesk:
@@ -49,6 +51,8 @@ class QuestionDesk:
         self._pending: collections.deque = collections.deque()
         self._current = None          # (question entry, Generation) being answered locally
         self._per_token_s = None      # measured decode time per token (moving average)
+        self._prefill_s = None        # the last prompt pass's time
+        self._deferred = 0            # gaps the next prompt pass has waited
         self._wake = threading.Event()
         self._thread = None
         self.busy_since = None        # monotonic time the current answer started
@@ -102,33 +106,20 @@ class QuestionDesk:
 
     # -- answering with a local model (the inference worker calls this between cycles) ---------
 
-    def work(self, deadline: float) -> None:
-        """Run one slice of the current answer, sized to end before `deadline` (node clock).
+    def work(self, remaining_s: float) -> None:
+        """Run one slice of the current answer, sized to the gap before the next cycle.
 
-        At least one token per call, so that answers progress when the model needs all of the
-        replanning period; the prompt pass is never split.
+        `remaining_s`: wall-clock seconds to the next cycle. At least one token per call once
+        an answer runs, so that answers progress when the model needs all of the replanning
+        period. The prompt pass (about one Left Brain pass) cannot be split: it waits for a gap
+        at least as long as it took last time (or as a chunk takes, before the first answer),
+        but at most `MAX_DEFERRALS` gaps.
         """
         if self.remote or not self.waiting:
             return
         node = self.node
-        if self._current is None:
-            with self._lock:
-                entry = self._pending.popleft() if self._pending else None
-            if entry is None:
-                return
-            try:
-                if not hasattr(node.runtime, "start_answer"):
-                    raise CausedError("ask_unsupported", "this policy runtime cannot answer "
-                                                         "questions")
-                generation = node.runtime.start_answer(
-                    self._images(entry), entry["question"],
-                    int(node.params["ask_max_new_tokens"]))
-            except Exception as error:  # noqa: BLE001 - a bad question is answered, not fatal
-                self._refuse(entry, error)
-                return
-            with self._lock:
-                self._current = (entry, generation)
-            self.busy_since = time.monotonic()
+        if self._current is None and not self._begin(remaining_s):
+            return
         entry, generation = self._current
         budget = int(node.params["ask_tokens_per_slice"])
         if not generation.prefill_s:
@@ -136,28 +127,71 @@ class QuestionDesk:
         elif self._per_token_s is None:
             budget = min(budget, 2)  # measure the time per token before trusting the budget
         else:
-            available = (deadline - node._now()) * SLICE_MARGIN
-            budget = max(1, min(budget, int(available / self._per_token_s)))
+            budget = max(1, min(budget, int(remaining_s * SLICE_MARGIN / self._per_token_s)))
         started = time.perf_counter()
         try:
             made = generation.step(budget)
         except Exception as error:  # noqa: BLE001 - the robot goes on; the asker learns why
-            self._current, self.busy_since = None, None
+            with self._lock:
+                self._current, self.busy_since = None, None
             self._refuse(entry, CausedError("answer_failed", f"{type(error).__name__}: "
                                                              f"{shorten(str(error), 300)}"))
             return
         seconds = time.perf_counter() - started
         with self._lock:
             self.slices.append(seconds)
-        if made and generation.decode_s > 0 and len(generation.token_ids) > 1:
+        if budget == 1 and len(generation.token_ids) == 1:
+            self._prefill_s = generation.prefill_s
+        elif made and generation.decode_s > 0 and len(generation.token_ids) > 1:
             per_token = generation.decode_s / (len(generation.token_ids) - 1)
             self._per_token_s = per_token if self._per_token_s is None else \
                 0.7 * self._per_token_s + 0.3 * per_token
         if generation.done:
-            self._current, self.busy_since = None, None
+            with self._lock:
+                self._current, self.busy_since = None, None
             answer = generation.result()
             self._publish_answer(entry, answer.text, len(answer.token_ids), answer.finish,
                                  answer.prefill_s + answer.decode_s)
+
+    def _begin(self, remaining_s: float) -> bool:
+        """Start answering the next question, if the model and the gap allow it now."""
+        node = self.node
+        runtime = node.runtime
+        try:
+            if not hasattr(runtime, "start_answer"):
+                raise CausedError("ask_unsupported", "this policy runtime cannot answer "
+                                                     "questions")
+            if hasattr(runtime, "answering_ready") and not runtime.answering_ready():
+                return False  # the LM head is being read; the question waits
+        except Exception as error:  # noqa: BLE001 - e.g. a single-brain checkpoint
+            with self._lock:
+                entry = self._pending.popleft() if self._pending else None
+            if entry is not None:
+                self._refuse(entry, error)
+            return False
+        estimate = self._prefill_s
+        if estimate is None:
+            with node._stats_lock:
+                latencies = list(node.latencies)
+            estimate = float(np.median(latencies)) if latencies else 0.0
+        if remaining_s < estimate and self._deferred < MAX_DEFERRALS:
+            self._deferred += 1
+            return False
+        self._deferred = 0
+        with self._lock:
+            entry = self._pending.popleft() if self._pending else None
+        if entry is None:
+            return False
+        try:
+            generation = runtime.start_answer(self._images(entry), entry["question"],
+                                              int(node.params["ask_max_new_tokens"]))
+        except Exception as error:  # noqa: BLE001 - a bad question is answered, not fatal
+            self._refuse(entry, error)
+            return False
+        with self._lock:
+            self._current = (entry, generation)
+        self.busy_since = time.monotonic()
+        return True
 
     def _images(self, entry: dict) -> list[np.ndarray]:
         """The newest frame of each camera, noted in `entry` with its stamp and age.
@@ -197,11 +231,13 @@ class QuestionDesk:
             try:
                 reply = node.runtime.ask(self._images(entry), entry["question"],
                                          int(node.params["ask_max_new_tokens"]))
+                self._publish_answer(entry, str(reply["answer"]), int(reply["tokens"]),
+                                     str(reply["finish"]), float(reply["server_s"]))
             except Exception as error:  # noqa: BLE001 - answered with the cause
-                self._refuse(entry, error)
-            else:
-                self._publish_answer(entry, reply["answer"], int(reply["tokens"]),
-                                     reply["finish"], float(reply["server_s"]))
+                try:
+                    self._refuse(entry, error)
+                except Exception:  # noqa: BLE001, S110 - shutting down; the thread goes on
+                    pass
             finally:
                 with self._lock:
                     self._current, self.busy_since = None, None

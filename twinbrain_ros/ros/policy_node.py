@@ -532,7 +532,7 @@ class PolicyNode(Node):
         # Without usable inputs it looks again after one control period, not a whole replanning
         # period: the first chunk follows the first usable observation closely.
         while not self._stop.is_set():
-            self._heartbeat = time.monotonic()
+            self._heartbeat = wall_start = time.monotonic()
             start = self._now()
             planned = False
             try:
@@ -545,7 +545,7 @@ class PolicyNode(Node):
                                                 f"{shorten(str(failure), 200)}", level="error")
             wait = self.period if planned else self.embodiment.dt
             try:  # a question to the Left Brain: one slice, sized to the gap
-                self.asking.work(start + wait)
+                self.asking.work(self._wall_gap(start, wall_start, wait))
             except Exception as error:  # noqa: BLE001 - never let the worker end
                 self._reject("ask_failed", f"answering failed: {type(error).__name__}: "
                                            f"{shorten(str(error), 200)}", level="error")
@@ -556,6 +556,15 @@ class PolicyNode(Node):
                 if remaining <= 0 or elapsed < 0:  # elapsed < 0: the clock was reset
                     break
                 self._stop.wait(min(remaining, 0.005))
+
+    def _wall_gap(self, start: float, wall_start: float, wait: float) -> float:
+        """Wall-clock seconds until the next cycle, due `wait` node-clock seconds after `start`.
+
+        A simulated clock may run faster or slower than the wall clock.
+        """
+        elapsed_node, elapsed_wall = self._now() - start, time.monotonic() - wall_start
+        rate = elapsed_node / elapsed_wall if elapsed_node > 0 and elapsed_wall > 1e-3 else 1.0
+        return max(0.0, (start + wait - self._now()) / rate)
 
     def _plan_once(self) -> bool:
         """One cycle; True when a chunk was inferred (published or refused)."""

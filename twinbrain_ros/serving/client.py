@@ -292,7 +292,8 @@ class RemoteRuntime:
         reply = self.ask_client.request({"type": "ask", "images": encoded,
                                          "image_format": self.image_format,
                                          "question": question,
-                                         "max_new_tokens": int(max_new_tokens)})
+                                         "max_new_tokens": int(max_new_tokens),
+                                         "timeout_s": self.ask_client.timeout_s})
         if reply.get("type") != "answer" or not isinstance(reply.get("answer"), str):
             raise ServerError("bad_reply", f"the server answered a question with "
                                            f"{shorten(repr(reply.get('type')), 40)}")

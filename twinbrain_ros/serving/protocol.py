@@ -13,7 +13,7 @@ little-endian bytes, a few dtypes only), images as encoded JPEG or PNG bytes.
     server -> client  {"type": "actions", "id": int, "actions": ndarray, "server_s": float,
                        "batch": int}
     client -> server  {"type": "ask", "id": int, "images": [bytes, ...], "image_format": ...,
-                       "question": str, "max_new_tokens": int}
+                       "question": str, "max_new_tokens": int, "timeout_s": float}
     server -> client  {"type": "answer", "id": int, "answer": str, "tokens": int,
                        "finish": "eos" | "length", "server_s": float}
     server -> client  {"type": "error", "id": int | null, "cause": str, "message": str}

@@ -18,9 +18,11 @@ Robots connect with `policy.launch.py server:=HOST:PORT` (the policy node as a c
   first come, first served: none waits behind more than one batch. A lone request runs on the
   compiled engine when there is one.
 - Questions: an ask message (images, a question, a token limit) is answered by the frozen Left
-  Brain (`twinbrain_ros.model.ask`), a slice of `ask_tokens_per_slice` tokens at a time while no
-  inference request waits, so robots keep their chunk rate. Robots ask over a second connection
-  (one connection serves one message at a time).
+  Brain (`twinbrain_ros.model.ask`) while no inference request waits: the prompt pass, then one
+  token at a time (up to `ask_tokens_per_slice` per slice), so a request waits at most one
+  token, or one prompt pass, behind a question. Robots ask over a second connection (one
+  connection serves one message at a time), which does not count as a robot for batching; a
+  question whose client stopped waiting (`timeout_s`) is dropped.
 - Real-time chunking: an infer message may carry the previous plan's overlap (`prefix`:
   actions in raw units, how many are frozen, the schedule); the sampler inpaints it
   (`twinbrain_ros.model.rtc`). Requests with and without one batch together.
@@ -72,6 +74,7 @@ class _Question:
     id: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    deadline: float            # perf_counter time after which the client no longer waits
     generation: object = None
     received: float = field(default_factory=time.perf_counter)
 
@@ -142,6 +145,10 @@ class PolicyServer:
             from ..model.ask import LeftBrainChat
 
             self.chat = LeftBrainChat(self.model, int(max_question_tokens))
+            # An untied LM head is read now, not while robots wait for chunks.
+            self.chat.head  # noqa: B018
+        cameras = [c["num_cameras"] for c in self.contracts.values()]
+        self.max_question_images = max(cameras) if all(cameras) else 16
         self._questions: list[_Question] = []   # being answered, first come first served
         self.inference = resolve_inference(inference, self.device)
         self.engines = {}
@@ -246,15 +253,26 @@ class PolicyServer:
                                   "server_s": seconds, "batch": len(requests)})
 
     def _answer_slice(self) -> None:
-        """One slice of the oldest question's answer (the prompt pass is a slice of its own)."""
+        """One slice of the oldest question's answer.
+
+        The prompt pass is a slice of its own; then one token at a time, up to
+        `ask_tokens_per_slice`, while no inference request waits. A question whose client no
+        longer waits is dropped.
+        """
         question = self._questions[0]
+        if time.perf_counter() > question.deadline:
+            self._questions.pop(0)
+            return
         try:
             if question.generation is None:
                 question.generation = self.chat.start(question.images, question.question,
                                                       question.max_new_tokens)
                 question.generation.step(1)
             else:
-                question.generation.step(self.ask_tokens_per_slice)
+                for _ in range(self.ask_tokens_per_slice):
+                    if question.generation.done or not self._queue.empty():
+                        break
+                    question.generation.step(1)
         except Exception as error:  # noqa: BLE001 - one bad question must not stop serving
             self._questions.pop(0)
             self._reply(question, {"type": "error", "id": question.id,
@@ -286,17 +304,21 @@ class PolicyServer:
         except Exception as error:  # noqa: BLE001 - a client going away must not stop others
             self.log(f"client {peer}: {type(error).__name__}: {shorten(str(error), 200)}")
             return
-        self.connections += 1
+        robot = False  # counted once it asks for chunks (a connection for questions is not)
         try:
             async for raw in connection:
                 reply = await self._answer(raw)
+                if not robot and reply.get("type") == "actions":
+                    robot = True
+                    self.connections += 1
                 await connection.send(pack(reply))
         except Exception as error:  # noqa: BLE001 - a client going away must not stop others
             name = type(error).__name__
             if "ConnectionClosed" not in name:
                 self.log(f"client {peer}: {name}: {shorten(str(error), 200)}")
         finally:
-            self.connections -= 1
+            if robot:
+                self.connections -= 1
 
     async def _handshake(self, connection, peer) -> bool:
         try:
@@ -401,8 +423,9 @@ class PolicyServer:
                                                  "there is no frozen Left Brain to answer "
                                                  "questions")
         images = message.get("images")
-        if not isinstance(images, list) or not 1 <= len(images) <= 16:
-            raise ProtocolError("bad_images", "an ask message holds 1 to 16 images")
+        limit = self.max_question_images
+        if not isinstance(images, list) or not 1 <= len(images) <= limit:
+            raise ProtocolError("bad_images", f"an ask message holds 1 to {limit} images")
         if message.get("image_format") not in IMAGE_FORMATS:
             raise ProtocolError("bad_images", f"image_format must be one of {IMAGE_FORMATS}")
         decoded = [decode_image(image) for image in images]
@@ -414,9 +437,13 @@ class PolicyServer:
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens:
             raise ProtocolError("bad_max_new_tokens", "max_new_tokens must be a positive "
                                                       "integer")
+        timeout = message.get("timeout_s", 3600.0)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+            raise ProtocolError("bad_timeout", "timeout_s must be a positive number of seconds")
         return _Question(images=decoded, question=question,
                          max_new_tokens=min(max_new_tokens, self.max_answer_tokens),
-                         id=message["id"], loop=loop, future=loop.create_future())
+                         id=message["id"], loop=loop, future=loop.create_future(),
+                         deadline=time.perf_counter() + float(timeout))
 
     @staticmethod
     def _prefix(prefix, contract: dict) -> ChunkPrefix | None:
