@@ -324,3 +324,26 @@ def test_a_video_cut_short_is_rejected_at_construction(tmp_path, widowx, version
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=str(victim)):
         LeRobotDataset(tmp_path / "ds", horizon=2, embodiment=widowx)
+
+
+@pytest.mark.parametrize("use_videos", [True, False], ids=["video", "parquet_images"])
+def test_cached_images_are_the_decoded_ones_and_are_decoded_once(tmp_path, widowx, use_videos):
+    import pickle
+
+    write(tmp_path / "ds", widowx, "v3.0", use_videos)
+    plain = LeRobotDataset(tmp_path / "ds", horizon=3, embodiment=widowx)
+    cached = LeRobotDataset(tmp_path / "ds", horizon=3, embodiment=widowx, cache_images=True)
+    order = np.random.default_rng(0).permutation(len(plain))
+    for i in order:
+        for a, b in zip(plain[i]["images"], cached[i]["images"], strict=True):
+            np.testing.assert_array_equal(a, b)
+    # A DataLoader worker gets the dataset without its frames (it decodes its own).
+    assert cached._frames and pickle.loads(pickle.dumps(cached))._frames == {}
+
+    # Every frame is held now: no decoding any more.
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    cached._image = no_decoding
+    for i in order:
+        assert cached[i]["images"][0].shape == plain[i]["images"][0].shape

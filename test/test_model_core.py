@@ -301,3 +301,30 @@ def test_positions_computed_ahead_give_the_same_hidden_states(tiny_backbones):
                             batch["embodiments"])
         b, _ = model.encode(ahead, batch["state"], batch["state_mask"], batch["embodiments"])
     assert torch.equal(a, b)
+
+
+def test_several_flow_draws_per_sample_share_one_pass_of_the_brains(tiny_backbones):
+    model = build_model(tiny_backbones["qwen2_5_vl"]).eval()  # no dropout: exact comparison
+    batch = make_batch(model)
+    samples, draws = batch["actions"].shape[0], 3
+    expert = model.config.action_expert
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(samples * draws, expert.horizon, expert.action_dim, generator=gen)
+    t = torch.rand(samples * draws, generator=gen)
+    args = (batch["inputs"], batch["state"], batch["state_mask"], batch["embodiments"],
+            batch["actions"], batch["action_mask"])
+    loss = model.compute_loss(*args, noise=noise, t=t, draws=draws)
+    # The same as each draw on its own (rows sample-major: sample i, draw k is row i*draws+k),
+    # with the brains' conditioning computed once.
+    with torch.no_grad():
+        hidden, mask = model.encode(batch["inputs"], batch["state"], batch["state_mask"],
+                                    batch["embodiments"])
+        per_draw = [model.action_expert.loss(batch["actions"], batch["action_mask"], hidden,
+                                             mask, noise=noise[k::draws], t=t[k::draws])
+                    for k in range(draws)]
+    assert torch.allclose(loss, torch.stack(per_draw).mean(), atol=1e-6)
+    assert not torch.allclose(per_draw[0], per_draw[1])  # the draws differ
+    loss.backward()  # one backward through the brains for all draws
+    assert any(p.grad is not None for p in model.right.parameters())
+    with pytest.raises(ValueError, match="draws"):
+        model.compute_loss(*args, draws=0)

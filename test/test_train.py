@@ -133,11 +133,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_backbones, gr1_
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_backbones, gr1_dataset,
                                                             tmp_path):
+    # With a moving average of the weights and two flow-matching draws per sample: the
+    # average resumes too.
     steps = 24
+    options = dict(steps=steps, save_every=4, ema_decay=0.9, flow_draws_per_sample=2)
     straight = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "straight",
-                       steps=steps, save_every=4)
+                       **options)
     killed = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "killed",
-                     steps=steps, save_every=4)
+                     **options)
     _run(straight)
 
     proc = _run(killed, wait=False)
@@ -160,6 +163,11 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_backbones, gr1_
     b = _weights(checkpoint_dirs(killed.output_dir)[-1])
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    ema_a = load_file(str(checkpoint_dirs(straight.output_dir)[-1] / "ema.safetensors"))
+    ema_b = load_file(str(checkpoint_dirs(killed.output_dir)[-1] / "ema.safetensors"))
+    assert ema_a.keys() == ema_b.keys() and len(ema_a) > 50
+    for name in ema_a:
+        torch.testing.assert_close(ema_a[name], ema_b[name], rtol=0, atol=1e-6, msg=name)
     la = torch.load(checkpoint_dirs(straight.output_dir)[-1] / "training_state.pt",
                     weights_only=False)["losses"]
     lb = torch.load(checkpoint_dirs(killed.output_dir)[-1] / "training_state.pt",
@@ -275,3 +283,67 @@ def test_config_train_yaml_documents_every_key_and_loads():
     assert set(document) == {f.name for f in fields(TrainConfig)}
     config = load_config(str(path), ["backbone_path=/ckpt"])
     assert config == TrainConfig(backbone_path="/ckpt")
+
+
+def test_flow_draws_of_two_ranks_are_the_single_process_draws():
+    from twinbrain_ros.model.action_expert import ActionExpertConfig, FlowMatchingActionExpert
+    from twinbrain_ros.train import Dist, flow_draws
+
+    class Model:
+        action_expert = FlowMatchingActionExpert(ActionExpertConfig(
+            action_dim=8, horizon=4, hidden_size=32, num_layers=1, num_heads=2), cond_dim=16)
+
+    config = TrainConfig(backbone_path="/ckpt", batch_size=2, horizon=4, max_action_dim=8,
+                         flow_draws_per_sample=3)
+    noise, t = flow_draws(config, 7, Dist(), Model())
+    assert noise.shape == (6, 4, 8) and t.shape == (6,)
+    config.batch_size = 1  # the same global batch over two processes
+    parts = [flow_draws(config, 7, Dist(rank=r, world=2), Model()) for r in (0, 1)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), noise)
+    assert torch.equal(torch.cat([p[1] for p in parts]), t)
+    # One draw per sample: the draws of the runs before the option existed.
+    config = TrainConfig(backbone_path="/ckpt", batch_size=2, horizon=4, max_action_dim=8,
+                         flow_draws_per_sample=1)
+    one, _ = flow_draws(config, 7, Dist(), Model())
+    generator = torch.Generator().manual_seed(7)
+    Model.action_expert.sample_timesteps(2, device="cpu", generator=generator)
+    assert torch.equal(one, torch.randn((2, 4, 8), generator=generator))
+
+
+def test_the_moving_average_is_saved_and_used_for_inference(tiny_backbones, gr1_dataset,
+                                                          tmp_path):
+    from twinbrain_ros.model.checkpoint import CheckpointError, load_checkpoint
+
+    config = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "ema", steps=6,
+                     save_every=6, ema_decay=0.5)
+    last = train(config)
+    raw, ema = _weights(last), load_file(str(last / "ema.safetensors"))
+    name = "action_expert.final_layer.proj.weight"
+    assert not torch.equal(raw[name], ema[name])  # the average lags the weights
+    assert set(ema) <= set(raw) and len(ema) > 50  # the trainable weights
+    averaged = load_checkpoint(last)
+    assert torch.equal(averaged.state_dict()[name], ema[name])
+    assert torch.equal(load_checkpoint(last, use_ema=False).state_dict()[name], raw[name])
+    # A flipped bit in the average is named, as in the weights.
+    data = bytearray((last / "ema.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (last / "ema.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="ema.safetensors is corrupt"):
+        load_checkpoint(last)
+
+
+def test_the_average_warms_up_then_decays_as_configured():
+    from twinbrain_ros.train import WeightAverage
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, decay=0.9)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average.update()  # decay min(0.9, 2/11)
+    assert average.state_dict()["weight"].item() == pytest.approx(1 - 2 / 11)
+    for _ in range(100):
+        average.update()
+    assert average.state_dict()["weight"].item() == pytest.approx(1.0, abs=1e-4)
+    assert average.updates == 101

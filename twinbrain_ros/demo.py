@@ -34,8 +34,9 @@ class DemoConfig:
 
     demos: int = 200               # scripted demonstration episodes
     image_size: int = 96
-    steps: int = 5000               # training steps
+    steps: int = 4000               # training steps
     batch_size: int = 16
+    flow_draws: int = 4             # flow-matching draws per sample and brain pass
     horizon: int = 8
     lr: float = 5e-4
     eval_episodes: int = 20         # per policy, same seeds for both
@@ -152,7 +153,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         action_expert={"hidden_size": 128, "num_layers": 4, "num_heads": 4},
         batch_size=cfg.batch_size, steps=cfg.steps, lr_right=cfg.lr, lr_expert=cfg.lr,
         warmup_steps=min(100, cfg.steps // 10), num_workers=0, save_every=cfg.steps,
-        keep_last=1, log_every=max(1, cfg.steps // 50), seed=0)
+        keep_last=1, log_every=max(1, cfg.steps // 50), seed=0, cache_images=True,
+        flow_draws_per_sample=cfg.flow_draws)
     untrained = make_untrained_checkpoint(config, out / "untrained")
     trained = train(config)
     times["2 training"] = time.monotonic() - start

@@ -7,7 +7,10 @@ Layout:
   is never written: it is the base backbone checkpoint, loaded from `backbone_path`. Its SHA-256
   is recorded in the config file and checked at every load (about 1 GB/s), so a flipped bit is
   an error that names the file, never a silently different model;
-- `norm_stats.json`: state/action normalization statistics per embodiment.
+- `norm_stats.json`: state/action normalization statistics per embodiment;
+- `ema.safetensors` (training with `ema_decay`): an exponential moving average of the trainable
+  weights, checksummed like the weights. Inference loads it over `model.safetensors` when it is
+  there; resuming a run reads both.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .twinbrain import TwinBrainConfig, TwinBrainVLA
 
 CONFIG_FILE = "twinbrain_config.json"
 WEIGHTS_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 NORM_STATS_FILE = "norm_stats.json"
 FORMAT_VERSION = 1
 _FINGERPRINT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -56,13 +60,15 @@ def trainable_state_dict(model: TwinBrainVLA) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict | None = None,
                     extra: Callable[[Path], None] | None = None,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    tensors: dict[str, torch.Tensor] | None = None,
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint directory atomically.
 
     Files go to a temporary sibling directory first, which then replaces `directory` with a
     rename, so a crash leaves either the old complete checkpoint or the new one, never half.
     `extra(tmp_dir)` may add files (e.g. the optimizer state) before the rename. `tensors`
     replaces the model's own state dict (e.g. full tensors gathered from a sharded model).
+    `ema`: moving averages of (some of) those tensors, written to `ema.safetensors`.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +82,13 @@ def save_checkpoint(model: TwinBrainVLA, directory: str | Path, metadata: dict |
                   "backbone_fingerprint": backbone_fingerprint(backbone),
                   "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
                   "metadata": metadata or {}}
+        if ema is not None:
+            unknown = sorted(set(ema) - set(tensors))
+            if unknown:
+                raise ValueError(f"EMA tensors {unknown[:5]} are not weights of the model")
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()},
+                      str(tmp / EMA_FILE), metadata={"format": "pt"})
+            config["ema_sha256"] = file_sha256(tmp / EMA_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         stats = {name: s.to_dict() for name, s in model.norm_stats.items()}
         (tmp / NORM_STATS_FILE).write_text(json.dumps(stats, indent=2))
@@ -106,8 +119,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_weights(directory: str | Path, raw_config: dict | None = None) -> None:
-    """Check `model.safetensors` against the checksum its checkpoint recorded.
+def verify_weights(directory: str | Path, raw_config: dict | None = None,
+                   name: str = WEIGHTS_FILE) -> None:
+    """Check `model.safetensors` (or `name`) against the checksum its checkpoint recorded.
 
     Raises:
         CheckpointError: the file differs from what was written.
@@ -115,8 +129,8 @@ def verify_weights(directory: str | Path, raw_config: dict | None = None) -> Non
     directory = Path(directory)
     if raw_config is None:
         raw_config = read_checkpoint_config(directory)[1]
-    expected = raw_config.get("weights_sha256")
-    path = directory / WEIGHTS_FILE
+    expected = raw_config.get("weights_sha256" if name == WEIGHTS_FILE else "ema_sha256")
+    path = directory / name
     if expected is None:
         warnings.warn(f"checkpoint {directory} records no checksum of {WEIGHTS_FILE} (written "
                       "by an older version): its integrity is not checked", stacklevel=2)
@@ -181,6 +195,35 @@ def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
 
 
+def read_ema(directory: str | Path, model: TwinBrainVLA, raw_config: dict | None = None
+             ) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's EMA weights (checked against the model's names and shapes), or None.
+
+    Raises:
+        CheckpointError: the config records an EMA file that is missing, corrupt or does not
+            fit the model.
+    """
+    directory = Path(directory)
+    if raw_config is None:
+        raw_config = read_checkpoint_config(directory)[1]
+    if "ema_sha256" not in raw_config:
+        return None
+    if not (directory / EMA_FILE).is_file():
+        raise CheckpointError(f"checkpoint {directory} records {EMA_FILE} but it is missing")
+    verify_weights(directory, raw_config, EMA_FILE)
+    expected = trainable_state_dict(model)
+    try:
+        with safe_open(str(directory / EMA_FILE), framework="pt") as f:
+            names = set(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{directory / EMA_FILE} is truncated or corrupt: {exc}") from exc
+    unknown = sorted(names - set(expected))
+    if unknown:
+        raise CheckpointError(f"{directory / EMA_FILE} has tensors the model does not: "
+                              f"{unknown[:5]}")
+    return _read_weights(directory / EMA_FILE, {n: expected[n] for n in names})
+
+
 def load_trainable_weights(model: TwinBrainVLA, directory: str | Path) -> None:
     """Load a checkpoint's weights into an already-built model of the same configuration."""
     directory = Path(directory)
@@ -192,8 +235,8 @@ def load_trainable_weights(model: TwinBrainVLA, directory: str | Path) -> None:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, backbone_path: str | Path | None = None
-                    ) -> TwinBrainVLA:
+                    dtype: torch.dtype = torch.float32, backbone_path: str | Path | None = None,
+                    use_ema: bool = True) -> TwinBrainVLA:
     """Load a TwinBrainVLA checkpoint.
 
     Args:
@@ -202,6 +245,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
         dtype: weight dtype (float32 on CPU, bfloat16 on GPU).
         backbone_path: override of the backbone directory stored in the config (for a
             checkpoint moved to another machine).
+        use_ema: load the moving-average weights over the raw ones when the checkpoint has
+            them (`ema.safetensors`).
 
     Raises:
         CheckpointError: naming the missing file, the corrupt file, or the mismatching tensor
@@ -233,5 +278,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{directory / NORM_STATS_FILE} has no statistics for "
                               f"embodiments {sorted(missing)}")
     weights = _read_weights(directory / WEIGHTS_FILE, trainable_state_dict(model))
+    if use_ema:
+        weights.update(read_ema(directory, model, raw) or {})
     model.load_state_dict(weights, strict=False)
     return model.to(device=device, dtype=dtype)

@@ -321,15 +321,23 @@ class TwinBrainVLA(nn.Module):
     def compute_loss(self, inputs: VisionLanguageInputs, state: torch.Tensor,
                      state_mask: torch.Tensor, embodiments: list[str], actions: torch.Tensor,
                      action_mask: torch.Tensor, generator: torch.Generator | None = None,
-                     noise: torch.Tensor | None = None, t: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                     draws: int = 1) -> torch.Tensor:
         """Flow-matching loss of normalized, padded action chunks (B, horizon, action_dim).
 
-        `noise` and `t` may be given (e.g. drawn for the global batch so that a distributed
-        run sees exactly the draws of a single-process one); otherwise they come from
-        `generator`.
+        `draws`: flow-matching draws (noise and time) per sample for one pass of the brains;
+        the action expert then sees each sample's conditioning `draws` times (B * draws rows,
+        sample-major), which costs a DiT pass each while the brains, the expensive part, run
+        once. `noise` (B * draws, horizon, action_dim) and `t` (B * draws,) may be given (e.g.
+        drawn for the global batch so that a distributed run sees exactly the draws of a
+        single-process one); otherwise they come from `generator`.
         """
+        if draws < 1:
+            raise ValueError(f"draws must be at least 1, got {draws}")
         hidden, mask = self.encode(inputs, state, state_mask, embodiments)
+        if draws > 1:
+            hidden, mask, actions, action_mask = (
+                x.repeat_interleave(draws, dim=0) for x in (hidden, mask, actions, action_mask))
         return self.action_expert.loss(actions.to(hidden.dtype), action_mask, hidden, mask,
                                        generator=generator, noise=noise, t=t)
 

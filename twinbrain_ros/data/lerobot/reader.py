@@ -109,7 +109,8 @@ class LeRobotDataset:
 
     def __init__(self, root: str | Path, horizon: int, embodiment: Embodiment,
                  image_keys: list[str] | None = None, state_key: str = "observation.state",
-                 action_key: str = "action", image_size: tuple[int, int] | None = None):
+                 action_key: str = "action", image_size: tuple[int, int] | None = None,
+                 cache_images: bool = False):
         """Open and validate the dataset at `root`.
 
         Args:
@@ -121,6 +122,9 @@ class LeRobotDataset:
             state_key: the state feature.
             action_key: the action feature.
             image_size: (height, width) every image is resized to; None keeps the size.
+            cache_images: decode each episode's images once, all in a row, and keep them in
+                this process's memory (frames x height x width x 3 bytes per camera): for
+                datasets that fit, training then decodes no video after the first epoch.
 
         Raises:
             DatasetError: naming the file or field at fault.
@@ -169,6 +173,8 @@ class LeRobotDataset:
         self._check_totals()
         self._check_videos_decode()
         self._cache: _WorkerCache | None = None
+        self.cache_images = bool(cache_images)
+        self._frames: dict[tuple[str, int], np.ndarray] = {}  # (key, episode position) -> frames
 
     # -- validation and loading ----------------------------------------------------------
 
@@ -439,7 +445,8 @@ class LeRobotDataset:
         steps = np.arange(i, i + self.horizon)
         rows = np.minimum(steps, end - 1)
         return {
-            "images": [self._image(key, i, episode) for key in self.image_keys],
+            "images": [self._cached_image(key, i, position) if self.cache_images
+                       else self._image(key, i, episode) for key in self.image_keys],
             "state": self._state[i].copy(),
             "instruction": self.instruction(i),
             "actions": self._action[rows],
@@ -459,6 +466,17 @@ class LeRobotDataset:
             keys = max(1, len(self.image_keys))
             self._cache = _WorkerCache(max_videos=2 * keys, max_columns=2 * keys)
         return self._cache
+
+    def _cached_image(self, key: str, i: int, position: int) -> np.ndarray:
+        """Frame `i` from the episode's decoded frames (decoded in one pass on first use)."""
+        frames = self._frames.get((key, position))
+        if frames is None:
+            episode = self._episodes[position]
+            rows = range(int(self._starts[position]), int(self._starts[position + 1]))
+            frames = np.stack([self._image(key, row, episode) for row in rows])
+            frames.flags.writeable = False
+            self._frames[(key, position)] = frames
+        return frames[i - int(self._starts[position])]
 
     def _image(self, key: str, i: int, episode: _Episode) -> np.ndarray:
         if key in episode.videos:
@@ -510,6 +528,7 @@ class LeRobotDataset:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_cache"] = None  # open containers never travel to another process
+        state["_frames"] = {}   # nor decoded frames: each process decodes its own
         return state
 
     def __repr__(self) -> str:
