@@ -7,9 +7,10 @@ seconds of data loading per step, and on the held-out frames the flow-matching l
 noise and times) and the error of sampled action chunks (4 Euler steps, normalized units,
 mean squared) for the raw weights and, with `ema_decay`, for the moving average.
 
-  python benchmarks/bench_train_options.py --steps 1500 \
-      "cache_images=false" "cache_images=true" "cache_images=true flow_draws_per_sample=4" \
-      "cache_images=true flow_draws_per_sample=4 ema_decay=0.999"
+  python benchmarks/bench_train_options.py --steps 1000 \
+      "cache_images=false flow_draws_per_sample=1" \
+      "cache_images=true flow_draws_per_sample=1 ema_decay=0.995" \
+      "cache_images=true flow_draws_per_sample=4 ema_decay=0.995"
 
 Each option set is `key=value` pairs of `TrainConfig` on top of the demo's configuration.
 """

@@ -15,6 +15,21 @@ INSTRUCTIONS = ("pick up the red cup",
                 "put the green block on the yellow plate, then return to where you started")
 
 
+def _model(backbone, **kwargs):
+    """A tiny model whose actions depend on the brains.
+
+    The action expert starts at zero (adaLN-Zero: its chunk is the initial noise, whatever
+    the brains say); a perturbation makes every path's attention masks, positions and
+    features show up in the actions.
+    """
+    model = build_model(backbone, **kwargs)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.action_expert.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
 def _observation(model, cameras):
     spec = model.config.embodiments["arm"]
     state = np.random.default_rng(cameras).uniform(-1, 1, spec.state_dim).astype(np.float32)
@@ -25,7 +40,7 @@ def _observation(model, cameras):
 @pytest.mark.parametrize("brain_mode", ["twin", "single"])
 @pytest.mark.parametrize("cameras", [1, 2])
 def test_static_buckets_give_the_eager_actions(tiny_backbones, family, brain_mode, cameras):
-    model = build_model(tiny_backbones[family], brain_mode=brain_mode).eval()
+    model = _model(tiny_backbones[family], brain_mode=brain_mode).eval()
     engine = InferenceEngine(model, num_cameras=cameras, token_budgets=(8, 32))
     images, state = _observation(model, cameras)
     for instruction in INSTRUCTIONS:  # the short one in the 8-token bucket, the long in 32
@@ -33,6 +48,20 @@ def test_static_buckets_give_the_eager_actions(tiny_backbones, family, brain_mod
         static = engine.predict_action(images, instruction, state, "arm", seed=5)
         np.testing.assert_allclose(static, eager, atol=1e-5)
     assert len(engine.buckets[0].layouts) == 1 and len(engine.buckets[1].layouts) == 1
+
+
+def test_static_buckets_give_the_eager_actions_with_causal_left_visibility(tiny_backbones):
+    model = _model(tiny_backbones["qwen3_vl"], left_visibility="causal").eval()
+    engine = InferenceEngine(model, num_cameras=1, token_budgets=(8, 32))
+    images, state = _observation(model, 1)
+    for instruction in INSTRUCTIONS:
+        eager = model.predict_action(images, instruction, state, "arm", seed=5)
+        static = engine.predict_action(images, instruction, state, "arm", seed=5)
+        np.testing.assert_allclose(static, eager, atol=1e-5)
+    # And the visibility matters: "all" gives other actions for the same inputs.
+    model.config.left_visibility = "all"
+    other = model.predict_action(images, INSTRUCTIONS[1], state, "arm", seed=5)
+    assert np.abs(other - eager).max() > 1e-4
 
 
 # Every family, brain mode and camera count, with the compiler's cost (about a minute each on
@@ -43,7 +72,7 @@ def test_static_buckets_give_the_eager_actions(tiny_backbones, family, brain_mod
 def test_the_compiled_engine_gives_the_eager_actions(tiny_backbones, family, brain_mode, cameras,
                                                      tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    model = build_model(tiny_backbones[family], brain_mode=brain_mode).eval()
+    model = _model(tiny_backbones[family], brain_mode=brain_mode).eval()
     engine = InferenceEngine(model, num_cameras=cameras, token_budgets=(32,), compile=True)
     assert engine.warmup("arm") > 0 and engine.state == "compiled"
     assert engine.buckets[0].compiled and engine.buckets[0].compile_s > 0
@@ -56,7 +85,7 @@ def test_the_compiled_engine_gives_the_eager_actions(tiny_backbones, family, bra
 
 
 def test_bf16_static_actions_stay_within_one_percent_of_bf16_eager(tiny_backbones):
-    model = build_model(tiny_backbones["qwen3_vl"]).eval().to(torch.bfloat16)
+    model = _model(tiny_backbones["qwen3_vl"]).eval().to(torch.bfloat16)
     engine = InferenceEngine(model, num_cameras=1, token_budgets=(32,))
     images, state = _observation(model, 1)
     eager = model.predict_action(images, INSTRUCTIONS[0], state, "arm", seed=2)
@@ -66,7 +95,7 @@ def test_bf16_static_actions_stay_within_one_percent_of_bf16_eager(tiny_backbone
 
 
 def test_an_instruction_longer_than_the_largest_bucket_is_refused(tiny_backbones):
-    model = build_model(tiny_backbones["qwen2_5_vl"]).eval()
+    model = _model(tiny_backbones["qwen2_5_vl"]).eval()
     engine = InferenceEngine(model, token_budgets=(4,))
     images, state = _observation(model, 1)
     engine.predict_action(images, "pick up", state, "arm", seed=0)
@@ -84,7 +113,7 @@ def test_a_compiler_that_fails_falls_back_to_the_same_answers(tiny_backbones, mo
 
     monkeypatch.setattr(torch, "compile", broken)
     lines = []
-    model = build_model(tiny_backbones["qwen2_5_vl"]).eval()
+    model = _model(tiny_backbones["qwen2_5_vl"]).eval()
     engine = InferenceEngine(model, token_budgets=(32,), compile=True, log=lines.append)
     engine.warmup("arm")
     assert engine.state.startswith("fallback: RuntimeError: no C++ compiler")

@@ -313,7 +313,12 @@ def test_several_flow_draws_per_sample_share_one_pass_of_the_brains(tiny_backbon
     t = torch.rand(samples * draws, generator=gen)
     args = (batch["inputs"], batch["state"], batch["state_mask"], batch["embodiments"],
             batch["actions"], batch["action_mask"])
+    calls = []
+    encode = model.encode
+    model.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
     loss = model.compute_loss(*args, noise=noise, t=t, draws=draws)
+    assert len(calls) == 1  # the brains ran once for all draws
+    model.encode = encode
     # The same as each draw on its own (rows sample-major: sample i, draw k is row i*draws+k),
     # with the brains' conditioning computed once.
     with torch.no_grad():
@@ -328,3 +333,23 @@ def test_several_flow_draws_per_sample_share_one_pass_of_the_brains(tiny_backbon
     assert any(p.grad is not None for p in model.right.parameters())
     with pytest.raises(ValueError, match="draws"):
         model.compute_loss(*args, draws=0)
+
+
+def test_causal_left_visibility_hides_later_left_tokens_from_a_right_token(tiny_backbones):
+    # Two prompts that differ only in their last instruction token: with "causal" the Right
+    # Brain's states before it cannot tell them apart (both brains are causal up to it); with
+    # "all" every Right token sees the whole Left prompt, so they can.
+    results = {}
+    for visibility in ("all", "causal"):
+        model = build_model(tiny_backbones["qwen2_5_vl"], left_visibility=visibility).eval()
+        images = [[camera_frame(0)], [camera_frame(0)]]
+        inputs = model.processor(images, ["pick up the red cup", "pick up the red can"])
+        assert inputs.input_ids.shape[1] == inputs.attention_mask.sum(1).min()  # no padding
+        differs = (inputs.input_ids[0] != inputs.input_ids[1]).nonzero()[:, 0]
+        first = int(differs[0])
+        state, mask = model.pad_state(np.zeros((2, 5), dtype=np.float32))
+        with torch.no_grad():
+            hidden, _ = model.encode(inputs, state, mask, ["arm", "arm"])
+        results[visibility] = (hidden[0, :first] - hidden[1, :first]).abs().max().item()
+    assert results["causal"] < 1e-6
+    assert results["all"] > 1e-4

@@ -347,3 +347,12 @@ def test_the_average_warms_up_then_decays_as_configured():
         average.update()
     assert average.state_dict()["weight"].item() == pytest.approx(1.0, abs=1e-4)
     assert average.updates == 101
+
+
+def test_resuming_with_other_flow_draws_is_refused():
+    from twinbrain_ros.train import check_resumable
+
+    config = TrainConfig(backbone_path="/ckpt", flow_draws_per_sample=4)
+    check_resumable(config, {"config": {"flow_draws_per_sample": 4}})
+    with pytest.raises(ValueError, match="flow_draws_per_sample=1"):
+        check_resumable(config, {"config": {}})  # saved before the option existed: 1

@@ -37,6 +37,8 @@ class DemoConfig:
     steps: int = 4000               # training steps
     batch_size: int = 16
     flow_draws: int = 4             # flow-matching draws per sample and brain pass
+    brain_mode: str = "twin"        # or "single": the Right Brain alone (ablation)
+    left_visibility: str = "all"    # or "causal": Right token i sees Left tokens 0..i
     horizon: int = 8
     lr: float = 5e-4
     eval_episodes: int = 20         # per policy, same seeds for both
@@ -154,7 +156,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         batch_size=cfg.batch_size, steps=cfg.steps, lr_right=cfg.lr, lr_expert=cfg.lr,
         warmup_steps=min(100, cfg.steps // 10), num_workers=0, save_every=cfg.steps,
         keep_last=1, log_every=max(1, cfg.steps // 50), seed=0, cache_images=True,
-        flow_draws_per_sample=cfg.flow_draws)
+        flow_draws_per_sample=cfg.flow_draws, brain_mode=cfg.brain_mode,
+        left_visibility=cfg.left_visibility)
     untrained = make_untrained_checkpoint(config, out / "untrained")
     trained = train(config)
     times["2 training"] = time.monotonic() - start
@@ -212,9 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps")
     parser.add_argument("--demos", type=int, default=None, help="demonstration episodes")
     parser.add_argument("--eval-episodes", type=int, default=None, help="episodes per policy")
+    parser.add_argument("--brain-mode", default=None, choices=("twin", "single"),
+                        help="single: the Right Brain alone, the same budget (ablation)")
+    parser.add_argument("--left-visibility", default=None, choices=("all", "causal"),
+                        help="causal: Right token i sees Left tokens 0..i (the authors' code)")
     args = parser.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for key in ("steps", "demos", "eval_episodes"):
+    for key in ("steps", "demos", "eval_episodes", "brain_mode", "left_visibility"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     try:

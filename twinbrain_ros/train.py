@@ -30,7 +30,14 @@ import torch
 import yaml
 
 from .model.action_expert import ActionExpertConfig
-from .model.checkpoint import load_trainable_weights, read_ema, save_checkpoint
+from .model.checkpoint import (
+    EMA_FILE,
+    load_trainable_weights,
+    read_checkpoint_config,
+    read_ema,
+    save_checkpoint,
+    verify_weights,
+)
 from .model.twinbrain import TwinBrainConfig, TwinBrainVLA
 from .robot.embodiment import Embodiment
 
@@ -62,6 +69,7 @@ class TrainConfig:
     max_action_dim: int = 32
     action_expert: dict = field(default_factory=dict)  # ActionExpertConfig overrides
     freeze_right_vision: bool = False
+    left_visibility: str = "all"    # Left tokens a Right token sees: all | causal (authors' code)
     batch_size: int = 8             # per process
     flow_draws_per_sample: int = 4  # flow-matching (noise, time) draws per brain pass
     ema_decay: float = 0.0          # moving average of the trainable weights (0: none)
@@ -333,7 +341,7 @@ def build_model(config: TrainConfig, datasets, norm_stats) -> TwinBrainVLA:
         backbone_path=config.backbone_path, brain_mode=config.brain_mode,
         embodiments=embodiments, max_state_dim=config.max_state_dim,
         image_size=tuple(config.image_size), freeze_right_vision=config.freeze_right_vision,
-        action_expert=expert)
+        action_expert=expert, left_visibility=config.left_visibility)
     model = TwinBrainVLA.from_backbone(model_config, dtype=torch.float32)
     model.norm_stats = dict(norm_stats)
     return model
@@ -455,6 +463,8 @@ def newest_valid_checkpoint(model, output_dir: str | Path, log=print
         try:
             state = _load_training_state(directory)
             load_trainable_weights(model, directory)  # checks the checksum first
+            if "ema_sha256" in read_checkpoint_config(directory)[1]:
+                verify_weights(directory, name=EMA_FILE)  # the average is part of the state
         except Exception as error:  # noqa: BLE001 - any unreadable file: try the previous one
             log(f"warning: checkpoint {directory} is unusable ({type(error).__name__}: "
                 f"{str(error)[:300]}); falling back to the previous one")
@@ -524,11 +534,34 @@ def save_training_checkpoint(model, optimizer, scheduler, step: int, config: Tra
     return path
 
 
+def check_resumable(config: TrainConfig, state: dict) -> None:
+    """Refuse to resume with another training objective than the checkpoint's run had.
+
+    `flow_draws_per_sample` changes the loss and the noise stream (runs saved before it
+    existed had 1): resuming with another value would not end like the uninterrupted run.
+    """
+    saved = state.get("config") or {}
+    draws = int(saved.get("flow_draws_per_sample", 1))
+    if draws != config.flow_draws_per_sample:
+        raise ValueError(f"the checkpoint's run trained with flow_draws_per_sample={draws}; "
+                         f"resume with flow_draws_per_sample={draws} (this run has "
+                         f"{config.flow_draws_per_sample})")
+
+
 def restore_optimizer(model, optimizer, scheduler, state: dict) -> tuple[int, list[float]]:
-    """Load the optimizer (full, FQN-keyed) and scheduler state saved with a checkpoint."""
+    """Load the optimizer (full, FQN-keyed) and scheduler state saved with a checkpoint.
+
+    The implementation flags (`fused`, `foreach`) stay this run's: a saved group would
+    otherwise bring its own (an unfused run's, or a fused one's into a sharded run).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state["optimizer"],
+    saved = state["optimizer"]
+    for group, current in zip(saved.get("param_groups", []), optimizer.param_groups,
+                              strict=False):
+        for flag in ("fused", "foreach"):
+            group[flag] = current.get(flag)
+    set_optimizer_state_dict(model, optimizer, saved,
                              options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     return state["step"], list(state["losses"])
@@ -569,6 +602,7 @@ def train(config: TrainConfig) -> Path | None:
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     start, losses = 0, []
     if resumed is not None:
+        check_resumable(config, resumed[1])
         start, losses = restore_optimizer(model, optimizer, scheduler, resumed[1])
         if ema is not None:
             ema.load(read_ema(resumed[0], model) or {}, resumed[1].get("ema_updates", 0))

@@ -295,7 +295,12 @@ class InferenceEngine:
         eye_right = torch.eye(L + 1, dtype=torch.bool)
         right_self = (torch.ones(L + 1, L + 1, dtype=torch.bool).tril()
                       & (right_valid[None] | eye_right))
-        right_mask = torch.cat([valid[None].expand(L + 1, L), right_self], dim=1)
+        left_block = valid[None].expand(L + 1, L)
+        if model.config.left_visibility == "causal":  # Right token i: Left tokens 0..i
+            below = torch.ones(L + 1, L, dtype=torch.bool).tril()
+            below[L] = True  # the state token sees every Left token
+            left_block = left_block & below
+        right_mask = torch.cat([left_block, right_self], dim=1)
         visual = padded.visual_mask
         right_visual = torch.cat([visual, torch.zeros(1, 1, dtype=torch.bool)], dim=1)
         layout = (positions, right_positions, left_mask[None, None], right_mask[None, None],

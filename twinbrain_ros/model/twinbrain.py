@@ -5,10 +5,11 @@ Asymmetric Mixture-of-Transformers (AsyMoT), as implemented here with stock tran
 1. The Left Brain (frozen generalist VLM) runs the prompt (images + instruction) under
    `torch.no_grad()`, writing its keys and values of every decoder layer into a `DynamicCache`.
 2. The Right Brain runs the same prompt plus one proprioceptive state token, with that cache as
-   `past_key_values` and a 2-D mask covering [left | right]. At every layer its queries therefore
-   attend to concat(Left K/V, Right K/V): all valid Left tokens, and its own tokens causally. The
-   Left K/V were made without autograd, so no gradient ever reaches the Left Brain (stop-gradient),
-   and the Left Brain never sees a Right token.
+   `past_key_values` and a 4-D mask covering [left | right] (`asymot_mask`). At every layer its
+   queries therefore attend to concat(Left K/V, Right K/V): all valid Left tokens (or, with
+   `left_visibility="causal"`, Left tokens 0..i for Right token i), and its own tokens
+   causally. The Left K/V were made without autograd, so no gradient ever reaches the Left
+   Brain (stop-gradient), and the Left Brain never sees a Right token.
 3. Both brains use the same M-RoPE positions for the shared prompt (from `get_rope_index`); the
    state token takes the next position.
 
@@ -34,6 +35,7 @@ from .rtc import ChunkPrefix, rtc_weights
 from .timing import NULL_TIMER
 
 BRAIN_MODES = ("twin", "single")
+LEFT_VISIBILITY = ("all", "causal")
 
 
 @dataclass
@@ -68,6 +70,9 @@ class TwinBrainConfig:
         image_size: (height, width) each camera frame is resized to before the image processor.
         freeze_right_vision: keep the Right Brain's vision tower frozen; its features are then
             identical to the Left Brain's, so they are computed once and not stored twice.
+        left_visibility: which Left Brain tokens a Right Brain token attends to: "all" (every
+            valid Left token, the paper's AsyMoT) or "causal" (Right token i sees Left tokens
+            0..i, as the authors' released code does; the state token sees all).
         action_expert: DiT sizes, horizon, Euler steps; its `action_dim` is the padded maximum.
     """
 
@@ -79,6 +84,7 @@ class TwinBrainConfig:
     image_size: tuple[int, int] = (224, 224)
     freeze_right_vision: bool = False
     action_expert: ActionExpertConfig = field(default_factory=ActionExpertConfig)
+    left_visibility: str = "all"
 
     def __post_init__(self):
         """Coerce nested dicts (from JSON) and check sizes."""
@@ -90,6 +96,9 @@ class TwinBrainConfig:
         self.image_size = tuple(self.image_size)
         if self.brain_mode not in BRAIN_MODES:
             raise ValueError(f"brain_mode {self.brain_mode!r} is not one of {BRAIN_MODES}")
+        if self.left_visibility not in LEFT_VISIBILITY:
+            raise ValueError(f"left_visibility {self.left_visibility!r} is not one of "
+                             f"{LEFT_VISIBILITY}")
         if not self.embodiments:
             raise ValueError("a TwinBrainConfig needs at least one embodiment")
         for name, spec in self.embodiments.items():
@@ -140,6 +149,30 @@ class AsyMoTCache(DynamicCache):
         layer = self.layers[layer_idx]
         return (torch.cat([layer.keys, key_states], dim=-2),
                 torch.cat([layer.values, value_states], dim=-2))
+
+
+def asymot_mask(valid: torch.Tensor, causal_left: bool) -> torch.Tensor:
+    """The Right Brain's 4-D attention mask over [Left | Right] (True: may attend).
+
+    `valid` (B, L): the prompt's non-padding tokens, shared by both brains; the Right Brain has
+    them plus the state token (R = L + 1 queries). Left block: every valid Left token, or with
+    `causal_left` only Left tokens 0..i for Right token i (the state token sees all). Right
+    block: causal over valid tokens. A padded query attends to itself only (no empty row).
+
+    Returns:
+        (B, 1, L + 1, 2 L + 1) bool.
+    """
+    batch, length = valid.shape
+    right_valid = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)
+    left = valid[:, None, :].expand(batch, length + 1, length)
+    if causal_left:
+        below = torch.ones(length + 1, length, dtype=torch.bool, device=valid.device).tril()
+        below[length] = True  # the state token
+        left = left & below
+    eye = torch.eye(length + 1, dtype=torch.bool, device=valid.device)
+    right = (torch.ones(length + 1, length + 1, dtype=torch.bool, device=valid.device).tril()
+             & (right_valid[:, None, :] | eye))
+    return torch.cat([left, right], dim=2)[:, None]
 
 
 class StateEncoder(nn.Module):
@@ -311,8 +344,8 @@ class TwinBrainVLA(nn.Module):
             positions = torch.cat([positions, state_pos.view(1, batch, 1).expand(3, -1, -1)], 2)
             ones = inputs.attention_mask.new_ones(batch, 1)
             right_mask = torch.cat([inputs.attention_mask, ones], dim=1)
-            attn_mask = right_mask if cache is None else torch.cat(
-                [inputs.attention_mask, right_mask], dim=1)
+            attn_mask = right_mask if cache is None else asymot_mask(
+                inputs.attention_mask.bool(), self.config.left_visibility == "causal")
             visual = torch.cat([inputs.visual_mask, ones.bool().logical_not()], dim=1)
             hidden = self.right.decode(embeds, attn_mask, positions, past_key_values=cache,
                                        visual_pos_masks=visual, deepstack_embeds=deepstack)
