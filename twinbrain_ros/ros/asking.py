@@ -55,7 +55,6 @@ class QuestionDesk:
         self._deferred = 0            # gaps the next prompt pass has waited
         self._wake = threading.Event()
         self._thread = None
-        self.busy_since = None        # monotonic time the current answer started
         self.questions = 0
         self.answered = 0
         self.refused = collections.Counter()
@@ -133,7 +132,7 @@ class QuestionDesk:
             made = generation.step(budget)
         except Exception as error:  # noqa: BLE001 - the robot goes on; the asker learns why
             with self._lock:
-                self._current, self.busy_since = None, None
+                self._current = None
             self._refuse(entry, CausedError("answer_failed", f"{type(error).__name__}: "
                                                              f"{shorten(str(error), 300)}"))
             return
@@ -148,7 +147,7 @@ class QuestionDesk:
                 0.7 * self._per_token_s + 0.3 * per_token
         if generation.done:
             with self._lock:
-                self._current, self.busy_since = None, None
+                self._current = None
             answer = generation.result()
             self._publish_answer(entry, answer.text, len(answer.token_ids), answer.finish,
                                  answer.prefill_s + answer.decode_s)
@@ -190,7 +189,6 @@ class QuestionDesk:
             return False
         with self._lock:
             self._current = (entry, generation)
-        self.busy_since = time.monotonic()
         return True
 
     def _images(self, entry: dict) -> list[np.ndarray]:
@@ -227,7 +225,6 @@ class QuestionDesk:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            self.busy_since = time.monotonic()
             try:
                 reply = node.runtime.ask(self._images(entry), entry["question"],
                                          int(node.params["ask_max_new_tokens"]))
@@ -240,7 +237,7 @@ class QuestionDesk:
                     pass
             finally:
                 with self._lock:
-                    self._current, self.busy_since = None, None
+                    self._current = None
 
     # -- answers ------------------------------------------------------------------------------
 
