@@ -37,3 +37,25 @@ def test_reduced_demo_trains_and_runs_the_closed_loop_through_ros(ros_env, tmp_p
     assert summary["videos"]
     assert all(Path(v).stat().st_size > 0 for v in summary["videos"])
     assert "time per stage" in printed and "trained: success" in printed
+
+
+def test_reduced_gr1_demo_trains_and_runs_the_closed_loop_through_ros(ros_env, tmp_path,
+                                                                      capsys):
+    pytest.importorskip("robosuite", reason="the GR1 demo's simulator needs robosuite")
+    from twinbrain_ros.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick("gr1")
+    assert cfg.embodiment == "gr1" and cfg.task == "pick_place_can" and cfg.state_dim >= 29
+    summary = run_demo(cfg, tmp_path / "demo")
+    printed = capsys.readouterr().out
+    assert summary["loss_last_20"] < 0.9 * summary["loss_first_20"], printed
+    for label in ("trained", "untrained"):
+        results = json.loads((tmp_path / "demo" / f"eval_{label}" / "results.json").read_text())
+        episodes = results["episodes"]
+        assert [e["seed"] for e in episodes] == [cfg.eval_seed]
+        # The 29 joint targets reached the robot over ROS, and the episode says how far it got.
+        assert all(e["trajectories"] > 0 and e["steps"] > 0 for e in episodes), episodes
+        assert {"lifted", "max_lift_m", "closest_to_target_m"} <= set(episodes[0]["outcome"])
+    assert summary["wrong_object_rate"] is None and set(summary["lift_rate"]) == {
+        "trained", "untrained"}
+    assert "lifted the object" in printed and "pick_place_can" in printed

@@ -353,3 +353,40 @@ def test_causal_left_visibility_hides_later_left_tokens_from_a_right_token(tiny_
         results[visibility] = (hidden[0, :first] - hidden[1, :first]).abs().max().item()
     assert results["causal"] < 1e-6
     assert results["all"] > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_bf16_left_brain_gives_the_fp32_loss_and_gradients_within_bf16_rounding(
+        tiny_backbones, family, autocast):
+    # Full-size training holds the frozen Left Brain in bf16 next to fp32 Right weights; the
+    # Left K/V then join the Right Brain's attention in the Right's dtype.
+    reference = build_model(tiny_backbones[family])
+    half = build_model(tiny_backbones[family]).cast_left(torch.bfloat16)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # an expert at its zero init would ignore the brains
+        for a, b in zip(reference.action_expert.parameters(), half.action_expert.parameters(),
+                        strict=True):
+            a.add_(0.05 * torch.randn(a.shape, generator=generator))
+            b.copy_(a)
+    assert {p.dtype for p in half.left.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.right.parameters()} == {torch.float32}
+    batch = make_batch(reference)
+    results = []
+    for model in (reference, half):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = _loss(model, batch)
+        loss.backward()
+        assert all(p.grad is None for p in model.left.parameters())
+        grads = torch.cat([p.grad.flatten() for p in model.right.parameters()
+                           if p.grad is not None])
+        results.append((loss.detach(), grads))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_b.dtype == torch.float32 and torch.isfinite(loss_b)
+    torch.testing.assert_close(loss_b, loss_a, rtol=3e-2, atol=1e-3)
+    cosine = torch.nn.functional.cosine_similarity(grad_a, grad_b, dim=0)
+    assert cosine > 0.98, cosine
+    if not autocast:
+        # fp32 throughout but the Left weights: the difference is the Left's rounding alone.
+        assert not torch.equal(loss_a, loss_b)

@@ -126,6 +126,35 @@ def test_recorded_demonstrations_are_a_lerobot_dataset(tmp_path):
     assert sample["actions"][0, 6] == 1.0
 
 
+def test_recording_in_two_processes_writes_the_same_dataset(tmp_path):
+    pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
+    from twinbrain_ros.data.lerobot import LeRobotDataset
+    from twinbrain_ros.robot.embodiment import Embodiment
+    from twinbrain_ros.sim.record import record_demonstrations
+
+    widowx = Embodiment.load("widowx")
+    datasets = []
+    for workers in (1, 2):
+        report = record_demonstrations(tmp_path / f"demos{workers}", "widowx",
+                                       ["pick_cube", "put_cube_on_plate"], episodes=2, seed=3,
+                                       image_size=32, progress=False, workers=workers)
+        assert report.recorded == 4 and report.failed_seeds == []
+        datasets.append(LeRobotDataset(tmp_path / f"demos{workers}", horizon=2,
+                                       embodiment=widowx))
+    one, two = datasets
+    assert len(one) == len(two) and one.num_episodes == two.num_episodes == 4
+    # Episodes in seed order, task after task, whatever process ran them.
+    for index in range(0, len(one), 7):
+        a, b = one[index], two[index]
+        assert a["instruction"] == b["instruction"]
+        np.testing.assert_array_equal(a["state"], b["state"])
+        np.testing.assert_array_equal(a["actions"], b["actions"])
+        np.testing.assert_array_equal(a["images"][0], b["images"][0])
+    with pytest.raises(ValueError, match="workers"):
+        record_demonstrations(tmp_path / "none", "widowx", ["pick_cube"], episodes=1,
+                              workers=0, progress=False)
+
+
 def test_the_command_moves_no_faster_than_the_velocity_limit():
     follower = TrajectoryFollower(NAMES, lower=[-1, -1, 0], upper=[1, 1, 0.04],
                                   position=[0.0, 0.0, 0.02], max_velocity=[0.5, 2.0, 0.01])

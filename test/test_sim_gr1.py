@@ -150,3 +150,37 @@ def test_expert_picks_and_places(backend):
     # Success ends the episode early: it was reached well inside the time limit.
     done = [s for s, ok in zip(steps, successes, strict=True) if ok]
     assert max(done) < backend.reset(0).max_steps
+
+
+def test_outcome_reports_how_far_an_episode_got(backend):
+    # The expert lifts the can and brings it to its compartment.
+    record = run_episode(backend, 0, render=False)
+    assert record.success
+    outcome = record.outcome
+    assert outcome["lifted"] == "can" and outcome["max_lift_m"] >= 0.05
+    assert outcome["closest_to_target_m"] < 0.05
+    # Holding still lifts nothing and leaves the can in the other bin.
+    backend.reset(0)
+    q, _ = backend.joint_state()
+    hold(backend, q, 1.0)
+    outcome = backend.outcome()
+    assert outcome["lifted"] == "" and abs(outcome["max_lift_m"]) < 0.01
+    assert outcome["closest_to_target_m"] > 0.2
+
+
+def test_antialiasing_is_an_option_and_off_by_default():
+    frames = {}
+    for samples in (0, 4):
+        sim = make_backend("gr1", image_width=WIDTH, image_height=HEIGHT, msaa_samples=samples)
+        try:
+            sim.reset(0)
+            frames[samples] = sim.render()[0]
+            assert sim.model.vis.quality.offsamples == samples
+        finally:
+            sim.close()
+    assert frames[0].shape == frames[4].shape == (HEIGHT, WIDTH, 3)
+    # Multisampling blends the edges: the same scene, a few pixels different.
+    changed = np.any(frames[0] != frames[4], axis=-1).mean()
+    assert 0 < changed < 0.5, changed
+    with pytest.raises(SimError, match="msaa_samples"):
+        make_backend("gr1", msaa_samples=-1)

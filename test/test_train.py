@@ -111,13 +111,15 @@ def test_short_run_lowers_the_loss_and_the_policy_loads_it(tiny_backbones, gr1_d
     assert runtime.model.norm_stats["gr1"].action.mode == "min_max"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy,left_dtype", [("ddp", "fp32"), ("fsdp", "fp32"),
+                                                 ("fsdp", "bf16")])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_backbones, gr1_dataset,
-                                                            tmp_path, strategy):
+                                                            tmp_path, strategy, left_dtype):
+    # bf16: the frozen Left Brain held in bf16 beside fp32 trained weights, sharded apart.
     one = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "one", steps=4,
-                  batch_size=4, save_every=4)
+                  batch_size=4, save_every=4, left_dtype=left_dtype)
     two = _config(tiny_backbones["qwen2_5_vl"], gr1_dataset, tmp_path / "two", steps=4,
-                  batch_size=2, save_every=4, strategy=strategy)
+                  batch_size=2, save_every=4, strategy=strategy, left_dtype=left_dtype)
     _run(one)
     _run(two, nproc=2)
     a = _weights(checkpoint_dirs(one.output_dir)[-1])

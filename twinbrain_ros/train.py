@@ -81,6 +81,8 @@ class TrainConfig:
     warmup_steps: int = 500
     grad_clip: float = 1.0
     precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    left_dtype: str = "auto"        # frozen Left Brain weights: auto (bf16 when autocasting
+                                    # to bf16, else fp32), bf16, fp32
     activation_checkpointing: bool = False
     strategy: str = "ddp"           # ddp | fsdp
     num_workers: int = 2
@@ -118,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r} is not auto, bf16 or fp32")
+        if self.left_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"left_dtype {self.left_dtype!r} is not auto, bf16 or fp32")
         if self.batch_size < 1 or self.steps < 1 or self.flow_draws_per_sample < 1:
             raise ValueError("batch_size, steps and flow_draws_per_sample must be positive")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -595,6 +599,7 @@ def train(config: TrainConfig) -> Path | None:
             print(f"no usable checkpoint in {config.output_dir}/checkpoints: starting at step 0",
                   flush=True)
     model.to(dist.device)
+    model.cast_left(left_dtype(config, dist))
     model.train()
     wrapped = wrap_model(model, config, dist)
     optimizer, scheduler = build_optimizer(
@@ -659,15 +664,26 @@ def wrap_model(model: TwinBrainVLA, config: TrainConfig, dist: Dist):
 
         for layer in model.right.vlm.language_model.layers:
             fully_shard(layer)
-        fully_shard(model)
+        ignored = set()
+        if model.left is not None and next(model.left.parameters()).dtype != model.dtype:
+            # One dtype per FSDP group: a bf16 Left Brain's decoder layers are sharded as units
+            # of their own; its other weights (embedding, vision tower, norm) stay replicated.
+            for layer in model.left.vlm.language_model.layers:
+                fully_shard(layer)
+            sharded = {id(p) for layer in model.left.vlm.language_model.layers
+                       for p in layer.parameters()}
+            ignored = {p for p in model.left.parameters() if id(p) not in sharded}
+        fully_shard(model, ignored_params=ignored or None)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     # Several embodiments: a batch may not use every state encoder.
     unused = len(model.state_encoders) > 1
+    # gradient_as_bucket_view: the gradients are views into DDP's communication buckets rather
+    # than a second copy (4 bytes per trained weight: 17 GiB for a Qwen3-VL-4B Right Brain).
     return DistributedDataParallel(
         model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-        find_unused_parameters=unused)
+        find_unused_parameters=unused, gradient_as_bucket_view=True)
 
 
 def use_bf16(config: TrainConfig, dist: Dist) -> bool:
@@ -675,6 +691,13 @@ def use_bf16(config: TrainConfig, dist: Dist) -> bool:
     if config.precision == "auto":
         return dist.device.type == "cuda"
     return config.precision == "bf16"
+
+
+def left_dtype(config: TrainConfig, dist: Dist) -> torch.dtype:
+    """The frozen Left Brain's weight dtype: bf16 when asked, or by default when autocasting."""
+    if config.left_dtype == "auto":
+        return torch.bfloat16 if use_bf16(config, dist) else torch.float32
+    return torch.bfloat16 if config.left_dtype == "bf16" else torch.float32
 
 
 def clip_gradients(model: TwinBrainVLA, config: TrainConfig) -> float:

@@ -9,12 +9,15 @@ Each seeded episode runs the task's scripted expert in the closed loop of
 and the expert's action in the embodiment's action space (Bridge end-effector deltas for the
 WidowX, absolute joint positions for the GR1) with the episode's instruction as its task.
 Failed episodes are left out by default (a demonstration should show success); their seeds are
-reported.
+reported. With `--workers N` the episodes run in N processes (each with its own simulator); the
+dataset is the same as with one: episodes are written in seed order.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +41,56 @@ class RecordReport:
     seconds: float = 0.0
 
 
+@dataclass
+class _Demonstration:
+    """What a recording needs of one episode (small enough to pass between processes)."""
+
+    seed: int
+    success: bool
+    steps: int
+    instruction: str
+    images: dict[str, np.ndarray]   # camera -> T x H x W x 3
+    states: np.ndarray
+    actions: np.ndarray
+
+
+def _demonstrate(sim, seed: int) -> _Demonstration:
+    record = run_episode(sim, seed, record=True)
+    images = {camera: np.stack([frames[c] for frames in record.frames])
+              for c, camera in enumerate(sim.camera_names)}
+    return _Demonstration(seed, record.success, record.steps, record.episode.instruction, images,
+                          np.stack(record.states), np.stack(record.actions))
+
+
+_WORKER: dict = {}
+
+
+def _worker_demonstrate(job: tuple) -> _Demonstration:
+    """One episode in a worker process; the simulator is built once per task and kept."""
+    backend, task, embodiment, image_size, seed = job
+    key = (backend, task, embodiment.name, image_size)
+    if _WORKER.get("key") != key:
+        _close_worker_sim()
+        if "key" not in _WORKER:
+            atexit.register(_close_worker_sim)
+        _WORKER["sim"] = make_backend(backend or embodiment.name, task=task,
+                                      embodiment=embodiment, image_width=image_size,
+                                      image_height=image_size)
+        _WORKER["key"] = key
+    return _demonstrate(_WORKER["sim"], seed)
+
+
+def _close_worker_sim() -> None:
+    sim = _WORKER.pop("sim", None)
+    if sim is not None:
+        sim.close()
+
+
 def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: list[str],
                           episodes: int, seed: int = 0, backend: str = "",
                           image_size: int = 224, version: str = "v3.0",
-                          keep_failures: bool = False, progress: bool = True) -> RecordReport:
+                          keep_failures: bool = False, progress: bool = True,
+                          workers: int = 1) -> RecordReport:
     """Record `episodes` scripted episodes of each task into one LeRobot dataset.
 
     Args:
@@ -55,6 +104,8 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
         version: LeRobot dataset version, "v3.0" (LeRobot's current format) or "v2.1".
         keep_failures: also record episodes where the expert failed.
         progress: show a progress bar.
+        workers: processes running episodes side by side (1: this process). The dataset is
+            the same whatever their number.
 
     Returns:
         A report with the number of recorded episodes and the seeds that failed.
@@ -65,31 +116,50 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
     report = RecordReport(root=Path(out))
     started = time.monotonic()
     writer = None
+    if workers < 1:
+        raise ValueError(f"workers must be 1 or more, not {workers}")
     bar = progress_bar(episodes * len(tasks), "demonstrations", unit="episode",
                        disable=not progress)
-    for task in tasks:
-        sim = make_backend(backend or emb.name, task=task, embodiment=emb,
-                           image_width=image_size, image_height=image_size)
-        try:
-            if writer is None:
-                writer = LeRobotWriter(out, fps=emb.control_rate_hz, embodiment=emb,
-                                       image_keys=list(sim.camera_names), version=version)
-            for k in range(episodes):
-                record = run_episode(sim, seed + k, record=True)
-                bar.update(1)
-                if not record.success and not keep_failures:
-                    report.failed_seeds.append(seed + k)
-                    continue
-                images = {camera: np.stack([frames[c] for frames in record.frames])
-                          for c, camera in enumerate(sim.camera_names)}
-                writer.add_episode(images, np.stack(record.states), np.stack(record.actions),
-                                   task=record.episode.instruction)
-                report.recorded += 1
-                report.frames += record.steps
-                bar.set_postfix(recorded=report.recorded, failed=len(report.failed_seeds),
-                                refresh=False)
-        finally:
-            sim.close()
+    pool = None
+    try:
+        if workers > 1:
+            # spawn: a fresh interpreter per worker (no forked OpenGL or torch thread state)
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+        for task in tasks:
+            if pool is None:
+                sim = make_backend(backend or emb.name, task=task, embodiment=emb,
+                                   image_width=image_size, image_height=image_size)
+                results = (_demonstrate(sim, seed + k) for k in range(episodes))
+            else:
+                sim = None
+                jobs = [(backend, task, emb, image_size, seed + k) for k in range(episodes)]
+                results = pool.imap(_worker_demonstrate, jobs)
+            try:
+                for demo in results:
+                    bar.update(1)
+                    if writer is None:
+                        writer = LeRobotWriter(out, fps=emb.control_rate_hz, embodiment=emb,
+                                               image_keys=list(demo.images), version=version)
+                    if not demo.success and not keep_failures:
+                        report.failed_seeds.append(demo.seed)
+                        continue
+                    writer.add_episode(demo.images, demo.states,
+                                       demo.actions, task=demo.instruction)
+                    report.recorded += 1
+                    report.frames += demo.steps
+                    bar.set_postfix(recorded=report.recorded, failed=len(report.failed_seeds),
+                                    refresh=False)
+            finally:
+                if sim is not None:
+                    sim.close()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # the queued episodes are not wanted any more
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     bar.close()
     if writer is None or report.recorded == 0:
         raise RuntimeError(f"no successful episode to record (failed seeds: "
@@ -114,13 +184,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="LeRobot dataset version")
     parser.add_argument("--keep-failures", action="store_true",
                         help="also record episodes where the expert failed")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes running episodes side by side (same dataset)")
     parser.add_argument("--out", required=True, help="dataset directory (new or empty)")
     args = parser.parse_args(argv)
     try:
         report = record_demonstrations(args.out, args.embodiment, args.tasks, args.episodes,
                                        seed=args.seed, backend=args.backend,
                                        image_size=args.image_size, version=args.version,
-                                       keep_failures=args.keep_failures)
+                                       keep_failures=args.keep_failures,
+                                       workers=args.workers)
     except (ValueError, RuntimeError, ImportError) as error:
         print(f"record_demos: {error}", flush=True)
         return 1
