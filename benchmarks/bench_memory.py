@@ -62,8 +62,10 @@ def model_config(family: str, size: str, image_size: int) -> TwinBrainConfig:
 
 def build(family: str, size: str, image_size: int, device: str, text_layers: int | None = None,
           vision_depth: int | None = None) -> TwinBrainVLA:
-    """A random-weight twin, optionally cut to `text_layers` decoder layers and `vision_depth`
-    vision blocks (the widths stay the real ones)."""
+    """A random-weight twin, optionally cut in depth (the widths stay the real ones).
+
+    `text_layers` decoder layers and `vision_depth` vision blocks, when given.
+    """
     vlm_config = backbone_config(family, size)
     if text_layers is not None:
         text = vlm_config.text_config
@@ -105,16 +107,19 @@ class SavedBytes:
         self.storages: dict[int, int] = {}
 
     def pack(self, tensor: torch.Tensor):
+        """Note the tensor's storage; keep the tensor as it is."""
         storage = tensor.untyped_storage()
         self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     @staticmethod
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor, unchanged."""
         return tensor
 
     @property
     def total(self) -> int:
+        """Bytes of all storages seen."""
         return sum(self.storages.values())
 
 
@@ -216,6 +221,7 @@ def memory_rows(counts: dict, terms: dict, left_bytes: int, batch_size: int) -> 
 
 
 def print_table(args) -> None:
+    """The table for the 3B and 4B twins."""
     print(f"training memory per GPU under DDP, GiB (batch {args.batch_size} per GPU, one "
           f"{args.image_size}x{args.image_size} frame, {args.instruction_tokens} instruction "
           f"tokens, bf16 autocast, AdamW, DiT-B expert)")

@@ -38,7 +38,7 @@ class DemoConfig:
     embodiment: str = "widowx"
     demos: int = 200               # scripted demonstration episodes
     image_size: int = 96
-    steps: int = 4000               # training steps
+    steps: int = 3600               # training steps
     batch_size: int = 16
     flow_draws: int = 4             # flow-matching draws per sample and brain pass
     brain_mode: str = "twin"        # or "single": the Right Brain alone (ablation)
@@ -63,9 +63,11 @@ class DemoConfig:
 
     @classmethod
     def gr1(cls) -> DemoConfig:
-        """The GR1 run: a demonstration takes 11 s and an evaluated episode up to 25 simulated
-        seconds (robosuite with the camera at 10 Hz runs at about 0.8x real time here), hence
-        fewer of both."""
+        """The GR1 run: fewer demonstrations and episodes, each costs more.
+
+        A demonstration takes about 9 s (2 processes) and an evaluated episode up to 25
+        simulated seconds (robosuite with the camera at 10 Hz runs at about 0.8x real time here).
+        """
         return cls(embodiment="gr1", demos=100, steps=4000, horizon=16, eval_episodes=10,
                    real_time_factor=1.0, camera_rate_hz=10.0, state_dim=32,
                    left_visibility="all")

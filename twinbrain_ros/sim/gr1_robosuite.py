@@ -286,8 +286,11 @@ class GR1RobosuiteBackend(SimBackend):
                 position[:2] - self.target_position()[:2])))
 
     def outcome(self) -> dict:
-        """How far the episode got: the object's highest rise above where it rested, whether
-        that was a lift (5 cm), and its closest horizontal approach to its compartment."""
+        """How far the episode got, beyond success.
+
+        The object's highest rise above where it rested, whether that was a lift (5 cm), and
+        its closest horizontal approach to its compartment.
+        """
         if self._episode is None:
             return {}
         return {"lifted": self.spec.object_name.lower() if self._max_lift >= LIFT_HEIGHT else "",
