@@ -165,17 +165,16 @@ def activation_terms(family: str, size: str, image_size: int, instruction_tokens
     """
     measured = {}
     for layers, depth in ((1, 1), (2, 1), (1, 2)):
-        torch.manual_seed(0)
-        model = build(family, size, image_size, "cpu", text_layers=layers, vision_depth=depth)
-        if left_bf16:
-            model.cast_left(torch.bfloat16)
-        for batch_size in (1, 2):
-            batch = _batch(model, family, size, batch_size, image_size, instruction_tokens)
-            plain = saved_activation_bytes(model, batch, autocast, checkpointing=False)
-            kept = saved_activation_bytes(model, batch, autocast, checkpointing=True)
-            measured[(layers, depth, batch_size)] = (plain, kept)
-            model.right.vlm.activation_checkpointing_disable()
-        del model
+        # A fresh process per cut model: the last one's memory is surely gone.
+        job = json.dumps({"family": family, "size": size, "layers": layers, "depth": depth,
+                          "image_size": image_size, "instruction_tokens": instruction_tokens,
+                          "autocast": autocast, "left_bf16": left_bf16})
+        out = subprocess.run([sys.executable, __file__, "--probe", job], capture_output=True,
+                             text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"probe {job} failed ({out.returncode}): {out.stderr[-2000:]}")
+        for batch_size, values in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            measured[(layers, depth, int(batch_size))] = tuple(values)
     terms = {}
     for index, key in enumerate(("plain", "checkpointed")):
         term = {}
@@ -190,6 +189,24 @@ def activation_terms(family: str, size: str, image_size: int, instruction_tokens
         base = tuple(o - lay - blk for o, lay, blk in zip(one, layer, block, strict=True))
         terms[key] = {"base": base, "layer": layer, "block": block}
     return terms
+
+
+def probe(job: dict) -> dict:
+    """Saved bytes (plain, checkpointed) at batch 1 and 2 of one cut model (`activation_terms`)."""
+    torch.manual_seed(0)
+    model = build(job["family"], job["size"], job["image_size"], "cpu",
+                  text_layers=job["layers"], vision_depth=job["depth"])
+    if job["left_bf16"]:
+        model.cast_left(torch.bfloat16)
+    result = {}
+    for batch_size in (1, 2):
+        batch = _batch(model, job["family"], job["size"], batch_size, job["image_size"],
+                       job["instruction_tokens"])
+        plain = saved_activation_bytes(model, batch, job["autocast"], checkpointing=False)
+        kept = saved_activation_bytes(model, batch, job["autocast"], checkpointing=True)
+        model.right.vlm.activation_checkpointing_disable()
+        result[batch_size] = (plain, kept)
+    return result
 
 
 def _at(term: tuple[int, int], batch_size: int) -> int:
@@ -208,9 +225,23 @@ def activations(terms: dict, counts: dict, batch_size: int) -> tuple[int, int]:
     return without, kept + _at(plain["layer"], batch_size) + _at(plain["block"], batch_size)
 
 
+def frozen_vision(counts: dict, terms: dict) -> tuple[dict, dict]:
+    """Counts and terms with `freeze_right_vision`: the Right Brain uses the Left's tower.
+
+    Its vision weights, their gradients and moments, and the vision blocks' activations go
+    (the frozen tower runs without autograd); the patch embedding and merger stay counted in
+    the base term, a slight overestimate.
+    """
+    counts = dict(counts, right=counts["right"] - counts["vision"],
+                  trainable=counts["trainable"] - counts["vision"], vision_depth=0)
+    return counts, terms
+
+
 def memory_rows(counts: dict, terms: dict, left_bytes: int, batch_size: int) -> dict:
     """The table's values in bytes."""
     without, with_ckpt = activations(terms, counts, batch_size)
+    if counts["vision_depth"] == 0:  # no vision block is recomputed either
+        with_ckpt -= _at(terms["plain"]["block"], batch_size)
     weights = counts["left"] * left_bytes + counts["trainable"] * 4
     states = counts["trainable"] * (4 + 8)  # gradients + AdamW moments
     return {"left_weights": counts["left"] * left_bytes,
@@ -225,9 +256,9 @@ def print_table(args) -> None:
     print(f"training memory per GPU under DDP, GiB (batch {args.batch_size} per GPU, one "
           f"{args.image_size}x{args.image_size} frame, {args.instruction_tokens} instruction "
           f"tokens, bf16 autocast, AdamW, DiT-B expert)")
-    header = (f"{'twin':<15}{'trainable':>10}{'Left':>7}{'Left':>7}{'trainable':>10}"
+    header = (f"{'twin':<22}{'trainable':>10}{'Left':>7}{'Left':>7}{'trainable':>10}"
               f"{'grads':>7}{'AdamW':>7}{'act.':>7}{'act.':>7}{'total':>8}{'total':>8}")
-    sub = (f"{'':<15}{'params':>10}{'params':>7}{'bf16':>7}{'fp32 w.':>10}{'':>7}{'':>7}"
+    sub = (f"{'':<22}{'params':>10}{'params':>7}{'bf16':>7}{'fp32 w.':>10}{'':>7}{'':>7}"
            f"{'':>7}{'ckpt':>7}{'':>8}{'ckpt':>8}")
     print(header)
     print(sub)
@@ -238,14 +269,20 @@ def print_table(args) -> None:
                                  autocast=True, left_bf16=True)
         rows = memory_rows(counts, terms, left_bytes=2, batch_size=args.batch_size)
         fp32_left = memory_rows(counts, terms, left_bytes=4, batch_size=args.batch_size)
+        frozen = memory_rows(*frozen_vision(counts, terms), left_bytes=2,
+                             batch_size=args.batch_size)
         results[family] = {"counts": counts, "terms": terms, "bytes": rows,
-                           "total_ckpt_fp32_left": fp32_left["total_ckpt"]}
-        print(f"{NAMES[family] + ' twin':<15}{counts['trainable'] / 1e9:>9.2f}B"
-              f"{counts['left'] / 1e9:>6.2f}B{rows['left_weights'] / GIB:>7.1f}"
-              f"{rows['trainable_weights'] / GIB:>10.1f}{rows['gradients'] / GIB:>7.1f}"
-              f"{rows['adamw'] / GIB:>7.1f}{rows['activations'] / GIB:>7.1f}"
-              f"{rows['activations_ckpt'] / GIB:>7.1f}{rows['total'] / GIB:>8.1f}"
-              f"{rows['total_ckpt'] / GIB:>8.1f}", flush=True)
+                           "total_ckpt_fp32_left": fp32_left["total_ckpt"],
+                           "freeze_right_vision": frozen}
+        for label, values, trainable in (
+                (NAMES[family] + " twin", rows, counts["trainable"]),
+                ("  frozen Right vision", frozen, counts["trainable"] - counts["vision"])):
+            print(f"{label:<22}{trainable / 1e9:>9.2f}B{counts['left'] / 1e9:>6.2f}B"
+                  f"{values['left_weights'] / GIB:>7.1f}"
+                  f"{values['trainable_weights'] / GIB:>10.1f}{values['gradients'] / GIB:>7.1f}"
+                  f"{values['adamw'] / GIB:>7.1f}{values['activations'] / GIB:>7.1f}"
+                  f"{values['activations_ckpt'] / GIB:>7.1f}{values['total'] / GIB:>8.1f}"
+                  f"{values['total_ckpt'] / GIB:>8.1f}", flush=True)
     for family, r in results.items():
         c, t = r["counts"], r["terms"]["plain"]
         mib = 2**20
@@ -273,7 +310,7 @@ before = rss("VmRSS")
 model = build(family, "mid", 224, "cpu").train()
 batch = _batch(model, family, "mid", batch_size, 224, 20)
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as `train` builds it
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 for step in range(steps):
     loss = model.compute_loss(*batch)
@@ -318,13 +355,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--instruction-tokens", type=int, default=20)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--check-only", action="store_true", help="only the mid-preset check")
     parser.add_argument("--check-family", default="qwen3_vl",
                         choices=["qwen2_5_vl", "qwen3_vl"])
     parser.add_argument("--check-batch-size", type=int, default=4)
     parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument("--probe", default="", help=argparse.SUPPRESS)  # one cut model (JSON)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    print_table(args)
+    if args.probe:
+        print(json.dumps(probe(json.loads(args.probe))))
+        return 0
+    if not args.check_only:
+        print_table(args)
     if not args.skip_check:
         check_mid(args)
     return 0

@@ -268,9 +268,16 @@ def test_config_values_are_converted_to_the_field_types_or_refused_by_name():
     assert config.steps == 100 and isinstance(config.steps, int)
     assert config.resume is True and config.betas == [0.9, 0.99]
     assert config.datasets[0].weight == 2.0
+    # The frozen Left Brain follows the compute precision unless told otherwise.
+    from twinbrain_ros.train import Dist, left_dtype
+
+    cpu, cuda = Dist(device=torch.device("cpu")), Dist(device=torch.device("cuda"))
+    assert left_dtype(config, cpu) == torch.float32 and left_dtype(config, cuda) == torch.bfloat16
+    assert left_dtype(load_config(None, ["left_dtype=bf16"]), cpu) == torch.bfloat16
+    assert left_dtype(load_config(None, ["left_dtype=fp32"]), cuda) == torch.float32
     for bad, key in [("steps=1.5", "steps"), ("lr_expert=fast", "lr_expert"),
                      ("resume=sometimes", "resume"), ("betas=0.9", "betas"),
-                     ("datasets=[{path: /d}]", "datasets")]:
+                     ("datasets=[{path: /d}]", "datasets"), ("left_dtype=fp16", "left_dtype")]:
         with pytest.raises(ValueError, match=key):
             load_config(None, [bad])
 
