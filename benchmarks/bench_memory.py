@@ -117,11 +117,6 @@ class SavedBytes:
         """The tensor, unchanged."""
         return tensor
 
-    @property
-    def total(self) -> int:
-        """Bytes of all storages seen."""
-        return sum(self.storages.values())
-
 
 def _batch(model: TwinBrainVLA, family: str, size: str, batch_size: int, image_size: int,
            instruction_tokens: int):

@@ -12,6 +12,19 @@ pytest.importorskip("mujoco", reason="the demo's simulator (WidowX MuJoCo) needs
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 
+def _assert_both_ran_closed_loop(out: Path, cfg, summary: dict) -> list[list[dict]]:
+    """Each checkpoint's episodes ran on the held-out seeds and sent trajectories; returns them."""
+    runs = []
+    for label in ("trained", "untrained"):
+        episodes = json.loads((out / f"eval_{label}" / "results.json").read_text())["episodes"]
+        assert [e["seed"] for e in episodes] == [cfg.eval_seed + k
+                                                 for k in range(cfg.eval_episodes)]
+        assert all(e["trajectories"] > 0 and e["steps"] > 0 for e in episodes), episodes
+        assert label in summary["success_rate"]
+        runs.append(episodes)
+    return runs
+
+
 def test_reduced_demo_trains_and_runs_the_closed_loop_through_ros(ros_env, tmp_path, capsys):
     from twinbrain_ros.demo import DemoConfig, run_demo
 
@@ -24,13 +37,7 @@ def test_reduced_demo_trains_and_runs_the_closed_loop_through_ros(ros_env, tmp_p
 
     # Both checkpoints ran closed loop: every episode executed trajectories that the policy
     # node published on the controller topics, received by the sim bridge over ROS.
-    for label in ("trained", "untrained"):
-        results = json.loads((tmp_path / "demo" / f"eval_{label}" / "results.json").read_text())
-        episodes = results["episodes"]
-        assert [e["seed"] for e in episodes] == [cfg.eval_seed + k
-                                                 for k in range(cfg.eval_episodes)]
-        assert all(e["trajectories"] > 0 and e["steps"] > 0 for e in episodes), episodes
-        assert label in summary["success_rate"]
+    _assert_both_ran_closed_loop(tmp_path / "demo", cfg, summary)
 
     # The outputs a user looks at.
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
@@ -49,12 +56,8 @@ def test_reduced_gr1_demo_trains_and_runs_the_closed_loop_through_ros(ros_env, t
     summary = run_demo(cfg, tmp_path / "demo")
     printed = capsys.readouterr().out
     assert summary["loss_last_20"] < 0.9 * summary["loss_first_20"], printed
-    for label in ("trained", "untrained"):
-        results = json.loads((tmp_path / "demo" / f"eval_{label}" / "results.json").read_text())
-        episodes = results["episodes"]
-        assert [e["seed"] for e in episodes] == [cfg.eval_seed]
-        # The 29 joint targets reached the robot over ROS, and the episode says how far it got.
-        assert all(e["trajectories"] > 0 and e["steps"] > 0 for e in episodes), episodes
+    # The 29 joint targets reached the robot over ROS, and each episode says how far it got.
+    for episodes in _assert_both_ran_closed_loop(tmp_path / "demo", cfg, summary):
         assert {"lifted", "max_lift_m", "closest_to_target_m"} <= set(episodes[0]["outcome"])
     assert summary["wrong_object_rate"] is None and set(summary["lift_rate"]) == {
         "trained", "untrained"}

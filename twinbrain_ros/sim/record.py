@@ -54,6 +54,12 @@ class _Demonstration:
     actions: np.ndarray
 
 
+def _make_sim(backend: str, task: str, embodiment: Embodiment, image_size: int):
+    """The task's simulator with a square camera (the embodiment's CPU backend by default)."""
+    return make_backend(backend or embodiment.name, task=task, embodiment=embodiment,
+                        image_width=image_size, image_height=image_size)
+
+
 def _demonstrate(sim, seed: int) -> _Demonstration:
     record = run_episode(sim, seed, record=True)
     images = {camera: np.stack([frames[c] for frames in record.frames])
@@ -73,9 +79,7 @@ def _worker_demonstrate(job: tuple) -> _Demonstration:
         _close_worker_sim()
         if "key" not in _WORKER:
             atexit.register(_close_worker_sim)
-        _WORKER["sim"] = make_backend(backend or embodiment.name, task=task,
-                                      embodiment=embodiment, image_width=image_size,
-                                      image_height=image_size)
+        _WORKER["sim"] = _make_sim(backend, task, embodiment, image_size)
         _WORKER["key"] = key
     return _demonstrate(_WORKER["sim"], seed)
 
@@ -127,8 +131,7 @@ def record_demonstrations(out: str | Path, embodiment: str | Embodiment, tasks: 
             pool = multiprocessing.get_context("spawn").Pool(workers)
         for task in tasks:
             if pool is None:
-                sim = make_backend(backend or emb.name, task=task, embodiment=emb,
-                                   image_width=image_size, image_height=image_size)
+                sim = _make_sim(backend, task, emb, image_size)
                 results = (_demonstrate(sim, seed + k) for k in range(episodes))
             else:
                 sim = None
