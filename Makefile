@@ -14,7 +14,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 # Simulator cameras render offscreen (no display needed).
 export MUJOCO_GL ?= egl
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean sim-vulkan
 
 venv: $(STAMP)
 
@@ -25,6 +25,21 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	$(PIP) install --no-deps -r requirements-nodeps.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Mesa's software Vulkan driver (lavapipe) 25.x, which SAPIEN (simulator backend simpler_widowx)
+# renders with on machines without a GPU. Root, Debian 12 (bookworm-backports) or a Debian/Ubuntu
+# whose own mesa-vulkan-drivers is 25 or newer; a machine with a GPU driver needs nothing here.
+sim-vulkan:
+	@if dpkg-query -W -f='$${Version}' mesa-vulkan-drivers 2>/dev/null | grep -Eq '^(2[5-9]|[3-9][0-9])'; then \
+	  echo "mesa-vulkan-drivers $$(dpkg-query -W -f='$${Version}' mesa-vulkan-drivers) already installed"; \
+	elif grep -q 'VERSION_CODENAME=bookworm' /etc/os-release; then \
+	  echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/bookworm-backports.list && \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libvulkan1 && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers; \
+	else \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libvulkan1 mesa-vulkan-drivers; \
+	fi
 
 demo: venv
 	$(PY) -m twinbrain_ros.demo

@@ -17,6 +17,10 @@ Usage: `make demo`, `ros2 run twinbrain_ros demo` or `python -m twinbrain_ros.de
 `--embodiment gr1` runs the same four stages with the Fourier GR1 in robosuite's
 `pick_place_can` (29 joint-position actions, both arms, hands and waist): slower, so smaller
 (see `DemoConfig.gr1`).
+
+`--simpler` runs them on SimplerEnv's `widowx_carrot_on_plate` (ManiSkill 3, backend
+`simpler_widowx`): demonstrations on shifted copies of its layouts, the evaluation on
+SimplerEnv's own 24 episodes, judged at their end (see `DemoConfig.simpler`).
 """
 
 from __future__ import annotations
@@ -55,11 +59,25 @@ class DemoConfig:
     camera_rate_hz: float = 0.0     # evaluation camera rate (0: the control rate)
     state_dim: int = 8              # padded state and action width of the model
     record_workers: int = 2         # processes recording demonstrations side by side
+    backend: str = ""               # simulator ("": the embodiment's CPU default)
+    task_name: str = ""             # the backend's task ("": TASKS[embodiment])
+    demo_seed: int = 0              # seed of the first demonstration
 
     @property
     def task(self) -> str:
         """The task of the demo's robot."""
-        return TASKS[self.embodiment]
+        return self.task_name or TASKS[self.embodiment]
+
+    @classmethod
+    def simpler(cls) -> DemoConfig:
+        """SimplerEnv's carrot-on-plate: the WidowX demo's sizes on the Bridge digital twin.
+
+        Demonstrations use seeds from 1000 (the 24 layouts shifted by up to 2 cm and the carrot
+        turned by up to 15 degrees); the evaluation runs SimplerEnv's episodes 0-23, none of
+        which was demonstrated, each its full 60 steps.
+        """
+        return cls(backend="simpler_widowx", task_name="widowx_carrot_on_plate", demos=100,
+                   demo_seed=1000, eval_episodes=24, eval_seed=0)
 
     @classmethod
     def gr1(cls) -> DemoConfig:
@@ -73,9 +91,9 @@ class DemoConfig:
                    left_visibility="all")
 
     @classmethod
-    def quick(cls, embodiment: str = "widowx") -> DemoConfig:
+    def quick(cls, embodiment: str = "widowx", simpler: bool = False) -> DemoConfig:
         """A few minutes: enough to see the loss fall and the loop run end to end."""
-        base = cls.gr1() if embodiment == "gr1" else cls()
+        base = cls.gr1() if embodiment == "gr1" else cls.simpler() if simpler else cls()
         return replace(base, demos=4 if embodiment == "gr1" else 8, steps=60, batch_size=8,
                        eval_episodes=1 if embodiment == "gr1" else 2, videos=1)
 
@@ -175,7 +193,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
                      f"({cfg.image_size}x{cfg.image_size} camera, {cfg.record_workers} "
                      f"processes)")
     start = time.monotonic()
-    report = record_demonstrations(out / "dataset", embodiment, [task], cfg.demos, seed=0,
+    report = record_demonstrations(out / "dataset", embodiment, [task], cfg.demos,
+                                   seed=cfg.demo_seed, backend=cfg.backend,
                                    image_size=cfg.image_size, workers=cfg.record_workers)
     times["1 demonstrations"] = time.monotonic() - start
     print(f"    {report.recorded} episodes, {report.frames} frames"
@@ -214,7 +233,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         print(f"  {label}: {checkpoint}", flush=True)
         result = evaluate(EvaluationConfig(
             embodiment=embodiment, tasks=[task], episodes=cfg.eval_episodes,
-            seed=cfg.eval_seed, checkpoint=str(checkpoint), device="cpu",
+            seed=cfg.eval_seed, checkpoint=str(checkpoint), device="cpu", backend=cfg.backend,
             image_size=cfg.image_size, out=str(out / f"eval_{label}"), video=videos,
             real_time_factor=cfg.real_time_factor, camera_rate_hz=cfg.camera_rate_hz))
         summaries[label], episodes[label] = result.summary, result.episodes
@@ -229,7 +248,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         "success_rate": {k: s["average"] for k, s in summaries.items()},
         # widowx: the other cube lifted; gr1: its one object lifted (a partial success)
         "wrong_object_rate": ({k: wrong_object_rate(v) for k, v in episodes.items()}
-                              if embodiment == "widowx" else None),
+                              if embodiment == "widowx" and not cfg.backend else None),
         "lift_rate": {k: lift_rate(v) for k, v in episodes.items()},
         "outcomes": {k: [e.get("outcome", {}) for e in v] for k, v in episodes.items()},
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
@@ -237,13 +256,13 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
         "trained_checkpoint": str(trained), "untrained_checkpoint": str(untrained),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if embodiment == "widowx":
+    if summary["wrong_object_rate"] is not None:
         print(f"\n  task: {task} (the instruction names one of two cubes)")
     else:
-        print(f"\n  task: {task} ({embodiment})")
+        print(f"\n  task: {task} ({cfg.backend or embodiment})")
     for label in summaries:
         other = (f"picked the other cube {100 * summary['wrong_object_rate'][label]:5.1f}%"
-                 if embodiment == "widowx" else
+                 if summary["wrong_object_rate"] is not None else
                  f"lifted the object {100 * summary['lift_rate'][label]:5.1f}%")
         print(f"  {label:>9}: success {100 * summary['success_rate'][label]:5.1f}%   {other}")
     print("\n  time per stage:")
@@ -261,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="output directory (replaced)")
     parser.add_argument("--embodiment", default="widowx", choices=tuple(TASKS),
                         help=f"robot and task: {TASKS}")
+    parser.add_argument("--simpler", action="store_true",
+                        help="the WidowX on SimplerEnv's widowx_carrot_on_plate (ManiSkill 3; "
+                             "needs its assets and a Vulkan driver, see README)")
     parser.add_argument("--quick", action="store_true", help="the reduced loop CI runs")
     parser.add_argument("--steps", type=int, default=None, help="training steps")
     parser.add_argument("--demos", type=int, default=None, help="demonstration episodes")
@@ -272,8 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                              "as the authors' code; all: every valid Left token (the model's "
                              "default)")
     args = parser.parse_args(argv)
+    if args.simpler and args.embodiment != "widowx":
+        parser.error("--simpler runs the WidowX")
     if args.quick:
-        cfg = DemoConfig.quick(args.embodiment)
+        cfg = DemoConfig.quick(args.embodiment, simpler=args.simpler)
+    elif args.simpler:
+        cfg = DemoConfig.simpler()
     else:
         cfg = DemoConfig.gr1() if args.embodiment == "gr1" else DemoConfig()
     for key in ("steps", "demos", "eval_episodes", "brain_mode", "left_visibility"):

@@ -124,6 +124,17 @@ def rotation_to_rpy(rotation: np.ndarray) -> np.ndarray:
                      np.arctan2(r[1, 0], r[0, 0])])
 
 
+def top_down_rotation(grasp_yaw: float) -> np.ndarray:
+    """End-effector orientation pointing straight down, fingers closing along `grasp_yaw`.
+
+    The Interbotix end-effector frame has x along the approach direction and y along the
+    finger travel, so x is world -z and y is horizontal at angle `grasp_yaw`.
+    """
+    x_axis = np.array([0.0, 0.0, -1.0])
+    y_axis = np.array([np.cos(grasp_yaw), np.sin(grasp_yaw), 0.0])
+    return np.column_stack([x_axis, y_axis, np.cross(x_axis, y_axis)])
+
+
 class ArmKinematics:
     """Forward and inverse kinematics of a serial arm from a URDF, with Pinocchio.
 

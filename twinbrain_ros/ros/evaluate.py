@@ -42,6 +42,7 @@ from ..sim.evaluation import (
     TRANSPORTS,
     EvaluationConfig,
     EvaluationResult,
+    format_simpler_table,
     format_table,
     plot_success,
     run_inprocess,
@@ -196,6 +197,8 @@ def evaluate(config: EvaluationConfig) -> EvaluationResult:
     summary = save_results(out / "results.json", episodes, config.to_dict())
     print(format_table(summary, title=f"\n{embodiment.name}, policy: {config.policy} "
                                       f"({config.transport})"))
+    if config.backend == "simpler_widowx":
+        print("\n" + format_simpler_table(summary, episodes))
     if config.plot:
         plot_success({config.policy: summary}, out / "success.png")
     return EvaluationResult(summary=summary, episodes=episodes)
@@ -298,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embodiment", default="widowx", help="widowx or gr1")
     parser.add_argument("--backend", default="", help="simulator backend (default: the "
                                                       "embodiment's CPU backend)")
-    parser.add_argument("--tasks", nargs="+", required=True, help="task names of the backend")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (Avg@N)")
+    parser.add_argument("--tasks", "--task", dest="tasks", nargs="+", required=True,
+                        help="task names of the backend")
+    parser.add_argument("--episodes", type=int, default=None,
+                        help="episodes per task (Avg@N; default 10, and 24 with --backend "
+                             "simpler_widowx: SimplerEnv's Bridge protocol with --seed 0)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of each task's first episode (episode k: seed + k)")
     parser.add_argument("--transport", choices=TRANSPORTS, default="ros",
@@ -348,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `ros2 run twinbrain_ros evaluate`."""
     args = build_parser().parse_args(argv)
+    if args.episodes is None:
+        args.episodes = 24 if args.backend == "simpler_widowx" else 10
     try:
         evaluate(EvaluationConfig(**vars(args)))
     except (ValueError, RuntimeError) as error:

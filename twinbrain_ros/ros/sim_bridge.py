@@ -355,7 +355,8 @@ class SimBridge(Node):
             self._steps += 1
             success = bool(backend.success())
             self.success_publisher.publish(Bool(data=success))
-            if success or self._steps >= self._episode.max_steps:
+            if ((success and not backend.judge_at_end)
+                    or self._steps >= self._episode.max_steps):
                 self._end_episode(success)
 
     def _expert_act(self) -> None:

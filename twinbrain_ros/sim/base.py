@@ -62,6 +62,9 @@ class SimBackend(ABC):
     """
 
     name: str = ""
+    # Whether an episode is judged at its last step only (SimplerEnv's rule: an object put on
+    # the target and knocked off again fails) rather than ending at its first success.
+    judge_at_end: bool = False
     task: str
     embodiment: Embodiment
     sim_dt: float
@@ -114,6 +117,9 @@ BACKENDS: dict[str, tuple[str, str, str, str]] = {
                       "pip install mujoco==3.3.7"),
     "gr1_robosuite": ("gr1_robosuite", "GR1RobosuiteBackend", "gr1",
                       "pip install mujoco==3.3.7 && pip install --no-deps robosuite==1.5.2"),
+    "simpler_widowx": ("simpler_widowx", "SimplerWidowXBackend", "widowx",
+                       "the ManiSkill packages of requirements.txt and requirements-nodeps.txt "
+                       "(mani-skill==3.0.1, sapien==3.0.3)"),
 }
 
 def stiffen_joint_limits(model, time_constant: float = 0.005) -> None:

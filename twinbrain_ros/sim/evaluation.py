@@ -254,6 +254,37 @@ def format_table(summary: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_simpler_table(summary: dict, episodes: list[dict]) -> str:
+    """The SimplerEnv WidowX table as the paper lays it out.
+
+    A column per Bridge task and the average, with SimplerEnv's partial metric (the object
+    grasped at some point) above the success rate, and the paper's published average below.
+    """
+    from .simpler_widowx import PAPER_AVERAGE, PROTOCOL_EPISODES, TITLES
+
+    tasks = [t for t in TITLES if t in summary["tasks"]] + \
+        [t for t in summary["tasks"] if t not in TITLES]
+    grasped: dict[str, list[bool]] = defaultdict(list)
+    for episode in episodes:
+        grasped[episode["task"]].append(bool(episode.get("outcome", {}).get("grasped")))
+    columns = [TITLES.get(t, t) for t in tasks] + ["Average"]
+    width = max(12, *(len(c) for c in columns))
+    header = f"{'':<22}" + "".join(f"{c:>{width + 2}}" for c in columns)
+    counts = {summary["tasks"][t]["episodes"] for t in tasks}
+    protocol = counts == {PROTOCOL_EPISODES}
+    lines = [f"SimplerEnv WidowX (Bridge), {'/'.join(str(n) for n in sorted(counts))} episodes "
+             f"per task{' (its protocol)' if protocol else ' (the protocol runs 24)'}",
+             header]
+    grasp_rates = [float(np.mean(grasped[t])) if grasped[t] else 0.0 for t in tasks]
+    success_rates = [summary["tasks"][t]["success_rate"] for t in tasks]
+    for label, rates in (("grasp", grasp_rates), ("success", success_rates)):
+        cells = [*rates, float(np.mean(rates)) if rates else 0.0]
+        lines.append(f"{label:<22}" + "".join(f"{100 * r:>{width + 1}.1f}%" for r in cells))
+    lines.append(f"{'paper (Qwen3-VL-4B)':<22}" + f"{'':>{(width + 2) * len(tasks)}}"
+                 + f"{100 * PAPER_AVERAGE:>{width + 1}.1f}%")
+    return "\n".join(lines)
+
+
 def save_results(path: Path, episodes: list[dict], config: dict) -> dict:
     """Write per-episode results, the summary and the run's configuration as JSON."""
     summary = summarize(episodes)

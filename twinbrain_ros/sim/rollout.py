@@ -99,7 +99,7 @@ class SimulatedRobot:
 def run_episode(backend: SimBackend, seed: int,
                 policy: Callable[[list[np.ndarray], np.ndarray, Episode], np.ndarray] | None
                 = None, actions=None, record: bool = False, render: bool = True,
-                stop_on_success: bool = True, pipeline=None,
+                stop_on_success: bool | None = None, pipeline=None,
                 actions_per_inference: int = 1, inference_delay_s: float = 0.0,
                 recorder=None) -> EpisodeRecord:
     """Run one seeded episode with the scripted expert (default), `policy` or `pipeline`.
@@ -112,7 +112,8 @@ def run_episode(backend: SimBackend, seed: int,
         actions: the action space decoding per-period actions (the embodiment's own when None).
         record: keep frames and states (and, for per-period drivers, actions: demonstrations).
         render: render cameras every control step (needed by `record` and image policies).
-        stop_on_success: end the episode at the first control step where it succeeded.
+        stop_on_success: end the episode at the first control step where it succeeded (None:
+            unless the backend judges episodes at their end, `judge_at_end`).
         pipeline: a `PolicyPipeline` (the policy node's cycle); it replans every
             `actions_per_inference` control periods.
         actions_per_inference: the pipeline's replanning period in control periods.
@@ -124,6 +125,8 @@ def run_episode(backend: SimBackend, seed: int,
     """
     emb = backend.embodiment
     actions = actions or emb.actions
+    if stop_on_success is None:
+        stop_on_success = not backend.judge_at_end
     episode = backend.reset(seed)
     robot = SimulatedRobot(backend)
     expert = backend.expert() if policy is None and pipeline is None else None

@@ -49,6 +49,7 @@ from ..robot.embodiment import Embodiment
 from ..robot.kinematics import (
     WIDOWX_ARM_JOINTS,
     rotation_to_rpy,
+    top_down_rotation,
     widowx_urdf,
     widowx_xacro_path,
 )
@@ -159,17 +160,6 @@ def _look_at_quat(position, target) -> np.ndarray:
 def _yaw_quat(yaw: float) -> np.ndarray:
     """Quaternion (w, x, y, z) of a rotation by `yaw` about world z."""
     return np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
-
-
-def top_down_rotation(grasp_yaw: float) -> np.ndarray:
-    """End-effector orientation pointing straight down, fingers closing along `grasp_yaw`.
-
-    The Interbotix end-effector frame has x along the approach direction and y along the
-    finger travel, so x is world -z and y is horizontal at angle `grasp_yaw`.
-    """
-    x_axis = np.array([0.0, 0.0, -1.0])
-    y_axis = np.array([math.cos(grasp_yaw), math.sin(grasp_yaw), 0.0])
-    return np.column_stack([x_axis, y_axis, np.cross(x_axis, y_axis)])
 
 
 def _build_model(task: str, width: int, height: int) -> mujoco.MjModel:

@@ -1,0 +1,591 @@
+"""SimplerEnv's WidowX (Bridge) tasks through ManiSkill 3, driven by joint trajectories.
+
+SimplerEnv evaluates Bridge policies on digital twins of four BridgeData v2 scenes. ManiSkill 3
+(`mani-skill==3.0.1`, SAPIEN 3.0.3) ships them; this backend runs them on the CPU
+(`sim_backend="physx_cpu"`, `render_backend="sapien_cpu"`) behind the same interface as the
+other backends:
+
+    task (SimplerEnv name)            ManiSkill environment                          steps
+    widowx_spoon_on_towel             PutSpoonOnTableClothInScene-v1                  60
+    widowx_carrot_on_plate            PutCarrotOnPlateInScene-v1                      60
+    widowx_stack_cube                 StackGreenCubeOnYellowCubeBakedTexInScene-v1    60
+    widowx_put_eggplant_in_basket     PutEggplantInBasketScene-v1                     120
+
+What is SimplerEnv's and what is changed:
+    - scene, objects, their fixed layouts, the real background photo composited behind the
+      simulated objects ("green screen"), the WX250s with its tuned joint drives, the camera
+      (the Bridge dataset's third-person Logitech C920, 640x480) and the task's success metric
+      are ManiSkill's, untouched. Episodes last the task's steps at 5 Hz (12 s, 24 s).
+    - the robot is driven as the real WidowX is: by absolute joint position targets (the policy
+      node's IK output, through the bridge's trajectory follower), with the same PD gains the
+      SimplerEnv controller uses, instead of SimplerEnv's end-effector delta controller. The
+      gripper keeps SimplerEnv's mapping: the fingers' commanded opening from 0.015 m (closed)
+      to 0.037 m (open) goes to drive targets 0.014-0.038 m, the extra millimetre giving the
+      grip its force.
+    - the camera frame is resized to the model's image size (`image_width` x `image_height`).
+
+Seeds and layouts: seed `s < layouts` is SimplerEnv's episode `s` (its fixed layout: object
+positions on a grid and orientations from a list). SimplerEnv's Bridge protocol runs episodes
+0-23 of each task (`PROTOCOL_EPISODES`): `evaluate --backend simpler_widowx --episodes 24
+--seed 0`. Seeds from `layouts` up are that layout `s % layouts` with the objects moved by a
+seeded offset (up to `jitter_m` in x and y, the source object turned by up to `jitter_yaw`
+about z): fresh scenes for demonstrations, none of them a protocol layout.
+
+Success is the task's own `evaluate()`, called once per 5 Hz control period as in SimplerEnv
+(its "consecutive grasp" counts control periods). `outcome()` adds its partial metrics: the
+source object grasped at some point, grasped for 5 periods in a row, on the target at the end,
+and how high the source object was lifted.
+
+The assets come from ManiSkill's asset folder (`MS_ASSET_DIR`, default `~/.maniskill/data`),
+filled by ManiSkill's downloader or copied from an offline tree; nothing is downloaded here.
+Rendering needs a Vulkan driver: on a machine without a GPU, Mesa's lavapipe 25.x
+(`make sim-vulkan`). Both are checked at construction, with an error that says what to do.
+
+Options (keyword arguments of the constructor): `image_width`, `image_height` (model image
+size, default 224), `render_scale` (the camera renders at this fraction of 640x480 with its
+intrinsics scaled to match, default 1.0: SimplerEnv's own size), `jitter_m` (0.02) and
+`jitter_yaw` (0.26 rad).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..robot.embodiment import Embodiment
+from ..robot.kinematics import rotation_to_rpy, top_down_rotation
+from .base import Episode, ScriptedExpert, SimBackend, SimError
+
+
+@dataclass(frozen=True)
+class BridgeTask:
+    """One SimplerEnv Bridge task and what its expert needs to know."""
+
+    env_id: str
+    max_steps: int
+    shape: str           # "long" (grasp across the long axis) or "cube" (across a face)
+    place_clearance: float  # m: source object's bottom above the target's top when released
+
+
+TASKS: dict[str, BridgeTask] = {
+    "widowx_spoon_on_towel": BridgeTask("PutSpoonOnTableClothInScene-v1", 60, "long", 0.02),
+    "widowx_carrot_on_plate": BridgeTask("PutCarrotOnPlateInScene-v1", 60, "long", 0.02),
+    "widowx_stack_cube": BridgeTask("StackGreenCubeOnYellowCubeBakedTexInScene-v1", 60, "cube",
+                                    0.006),
+    "widowx_put_eggplant_in_basket": BridgeTask("PutEggplantInBasketScene-v1", 120, "long",
+                                                0.03),
+}
+# SimplerEnv's Bridge protocol: episodes 0-23 of every task.
+PROTOCOL_EPISODES = 24
+# The paper's column titles, in its order.
+TITLES = {"widowx_spoon_on_towel": "Put Spoon on Towel",
+          "widowx_carrot_on_plate": "Put Carrot on Plate",
+          "widowx_stack_cube": "Stack Green Block on Yellow Block",
+          "widowx_put_eggplant_in_basket": "Put Eggplant in Yellow Basket"}
+# TwinBrainVLA's published average over the four tasks (Qwen3-VL-4B twin trained on Bridge).
+PAPER_AVERAGE = 0.620
+CAMERA = "3rd_view_camera"
+CAMERA_SIZE = (640, 480)
+CONTROL_PERIOD_S = 0.2    # SimplerEnv's Bridge control rate, 5 Hz
+PHYSICS_HZ = 500          # ManiSkill's Bridge simulation rate
+ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
+GRIPPER_DRIVE = (0.014, 0.038)   # SimplerEnv's finger drive range (joint limits +- 1 mm)
+
+VULKAN_HELP = ("SAPIEN renders with Vulkan, and no usable Vulkan device was found. On a "
+               "machine without a GPU install Mesa's software driver (lavapipe) 25.x: `make "
+               "sim-vulkan` (root; Debian 12: libvulkan1 and mesa-vulkan-drivers from "
+               "bookworm-backports). Debian 12's stock Mesa 22.3 does not work")
+
+
+def asset_dir():
+    """ManiSkill's asset folder (`MS_ASSET_DIR`, read when ManiSkill is imported)."""
+    from mani_skill import ASSET_DIR
+
+    return ASSET_DIR
+
+
+def check_assets() -> None:
+    """Raise SimError, saying where they are expected and how to get them, if assets lack."""
+    root = asset_dir()
+    needed = [root / "robots/widowx/wx250s.urdf",
+              root / "tasks/bridge_v2_real2sim_dataset/custom/info_bridge_custom_v0.json",
+              root / "tasks/bridge_v2_real2sim_dataset/real_inpainting/bridge_real_eval_1.png"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise SimError(
+            f"ManiSkill's Bridge assets are not in its asset folder {root} (missing: "
+            f"{', '.join(missing)}). Point MS_ASSET_DIR at a folder holding them, or fetch them "
+            "with ManiSkill's downloader on a machine with internet access: `python -m "
+            "mani_skill.utils.download_asset bridge_v2_real2sim` and `... widowx250s`")
+
+
+@functools.cache
+def _env_class(env_id: str):
+    """The ManiSkill task class with a joint-position-driven WX250s and layout offsets."""
+    import torch
+    from mani_skill.agents.controllers.pd_joint_pos import (
+        PDJointPosControllerConfig,
+        PDJointPosMimicControllerConfig,
+    )
+    from mani_skill.envs.tasks.digital_twins.bridge_dataset_eval import base_env
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    def joint_controllers(agent) -> dict:
+        arm = PDJointPosControllerConfig(
+            joint_names=agent.arm_joint_names, lower=None, upper=None,
+            stiffness=agent.arm_stiffness, damping=agent.arm_damping,
+            force_limit=agent.arm_force_limit, friction=agent.arm_friction,
+            normalize_action=False)
+        gripper = PDJointPosMimicControllerConfig(
+            joint_names=agent.gripper_joint_names, lower=GRIPPER_DRIVE[0],
+            upper=GRIPPER_DRIVE[1], stiffness=agent.gripper_stiffness,
+            damping=agent.gripper_damping, force_limit=agent.gripper_force_limit,
+            normalize_action=True, drive_mode="force")
+        return {"arm_pd_joint_pos_gripper_pd_joint_pos": {"arm": arm, "gripper": gripper}}
+
+    class FlatTable(base_env.WidowX250SBridgeDatasetFlatTable):
+        @property
+        def _controller_configs(self):
+            return joint_controllers(self)
+
+    class Sink(base_env.WidowX250SBridgeDatasetSink):
+        @property
+        def _controller_configs(self):
+            return joint_controllers(self)
+
+    task_cls = REGISTERED_ENVS[env_id].cls
+
+    class JointDriven(task_cls):
+        layout_offset: tuple[np.ndarray, float] | None = None  # (xy per object, source yaw)
+
+        def _load_agent(self, options, *args, **kwargs):
+            self.robot_uids = Sink if self.scene_setting == "sink" else FlatTable
+            return super()._load_agent(options, *args, **kwargs)
+
+        def _initialize_episode(self, env_idx, options):
+            if self.layout_offset is None:
+                return super()._initialize_episode(env_idx, options)
+            xyz, quat = self.xyz_configs, self.quat_configs
+            shift, yaw = self.layout_offset
+            try:
+                self.xyz_configs = xyz.clone()
+                self.xyz_configs[:, :, :2] += torch.as_tensor(shift, dtype=xyz.dtype)
+                self.quat_configs = quat.clone()
+                turn = torch.tensor([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)],
+                                    dtype=quat.dtype)
+                self.quat_configs[:, 0] = _quat_multiply(turn, quat[:, 0])
+                return super()._initialize_episode(env_idx, options)
+            finally:
+                self.xyz_configs, self.quat_configs = xyz, quat
+
+    JointDriven.__name__ = f"JointDriven{task_cls.__name__}"
+    return JointDriven
+
+
+def _quat_multiply(a, b):
+    """Hamilton product of quaternions (w, x, y, z): `a` (4,) times each row of `b` (N, 4)."""
+    import torch
+
+    aw, ax, ay, az = a
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
+                        aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
+def _pose_matrix(pose) -> np.ndarray:
+    """4x4 matrix of a ManiSkill Pose (first of the batch)."""
+    return pose.to_transformation_matrix()[0].cpu().numpy().astype(np.float64)
+
+
+class SimplerWidowXBackend(SimBackend):
+    """SimplerEnv's Bridge tasks on ManiSkill 3 (see the module docstring).
+
+    Attributes:
+        env: the ManiSkill environment (privileged access for experts and tests).
+        layouts: how many fixed layouts the task has.
+        episode: the current episode (after `reset`).
+    """
+
+    name = "simpler_widowx"
+    judge_at_end = True
+    tasks = tuple(TASKS)
+    camera_names = ("front",)
+    sim_dt = 0.04      # 20 physics steps at 500 Hz; 5 per control period
+
+    def __init__(self, embodiment: Embodiment, task: str = "widowx_carrot_on_plate",
+                 image_width: int = 224, image_height: int = 224, render_scale: float = 1.0,
+                 jitter_m: float = 0.02, jitter_yaw: float = 0.26):
+        """Build the task's ManiSkill environment.
+
+        Raises:
+            SimError: unknown task, bad option, joints the WX250s lacks, missing assets, or no
+                Vulkan device to render with.
+        """
+        if task not in TASKS:
+            raise SimError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+        if image_width <= 0 or image_height <= 0:
+            raise SimError(f"image size must be positive, got {image_width}x{image_height}")
+        if not 0.05 <= render_scale <= 2.0:
+            raise SimError(f"render_scale must be within [0.05, 2], got {render_scale}")
+        missing = [n for n in embodiment.joint_names if n not in (*ARM_JOINTS, "left_finger")]
+        if missing or embodiment.gripper_joint != "left_finger":
+            raise SimError(f"the WX250s has no joints {missing}, or the gripper joint "
+                           f"{embodiment.gripper_joint!r} is not 'left_finger'")
+        self.embodiment = embodiment
+        self.task = task
+        self.spec = TASKS[task]
+        self.image_width, self.image_height = int(image_width), int(image_height)
+        self.jitter_m, self.jitter_yaw = float(jitter_m), float(jitter_yaw)
+        check_assets()
+        import torch
+
+        self._torch = torch
+        width, height = (round(s * render_scale) for s in CAMERA_SIZE)
+        intrinsic = np.array([[623.588, 0, 319.501], [0, 623.588, 239.545], [0, 0, 1]])
+        intrinsic[:2] *= render_scale
+        try:
+            self.env = _env_class(self.spec.env_id)(
+                obs_mode="rgb+segmentation", num_envs=1, sim_backend="physx_cpu",
+                render_backend="sapien_cpu",
+                control_mode="arm_pd_joint_pos_gripper_pd_joint_pos",
+                sensor_configs={CAMERA: {"width": width, "height": height,
+                                         "intrinsic": intrinsic}})
+        except (RuntimeError, OSError) as exc:
+            text = str(exc).lower()
+            if any(word in text for word in ("vk::", "vulkan", "rendering device", "render")):
+                raise SimError(f"{VULKAN_HELP} ({exc})") from exc
+            raise
+        env = self.env
+        robot = env.agent.robot
+        names = [j.name for j in robot.get_active_joints()]
+        self._joint_index = np.array([names.index(n) for n in embodiment.joint_names])
+        self._gripper_index = embodiment.joint_names.index("left_finger")
+        self._arm_index = np.array([embodiment.joint_names.index(n) for n in ARM_JOINTS])
+        self._physics_steps = round(self.sim_dt * PHYSICS_HZ)
+        self._steps_per_period = round(CONTROL_PERIOD_S / self.sim_dt)
+        self.layouts = len(env.xyz_configs) * len(env.quat_configs)
+        self._time = 0.0
+        self._substep = 0
+        self._info: dict = {}
+        self._max_lift = 0.0
+        self._rest_z = 0.0
+        self.episode: Episode | None = None
+
+    # -- episode -------------------------------------------------------------------------------
+
+    def reset(self, seed: int) -> Episode:
+        """SimplerEnv's episode `seed` (or, from `layouts` up, a shifted copy of one), settled."""
+        torch = self._torch
+        seed = int(seed)
+        layout = seed % self.layouts
+        env = self.env
+        if seed >= self.layouts:
+            rng = np.random.default_rng(seed)
+            shift = rng.uniform(-self.jitter_m, self.jitter_m, size=(2, 2))
+            if self.spec.env_id.startswith("PutEggplant"):
+                shift[1] = 0.0          # the basket is part of the sink
+            env.layout_offset = (shift, float(rng.uniform(-self.jitter_yaw, self.jitter_yaw)))
+        else:
+            env.layout_offset = None
+        env.reset(seed=seed, options={"episode_id": torch.tensor([layout])})
+        self._time, self._substep = 0.0, 0
+        self._info = {k: bool(v[0]) for k, v in env.evaluate().items()
+                      if isinstance(v, torch.Tensor)}
+        source, target = self.object_pose("source"), self.object_pose("target")
+        self._rest_z = float(source[2, 3])
+        self._max_lift = 0.0
+        instruction = env.get_language_instruction()[0]
+        info = {"env_id": self.spec.env_id, "layout": layout,
+                "protocol": seed < PROTOCOL_EPISODES and seed < self.layouts,
+                "source": env.source_obj_name, "target": env.target_obj_name,
+                "source_position": source[:3, 3].round(4).tolist(),
+                "target_position": target[:3, 3].round(4).tolist()}
+        self.episode = Episode(task=self.task, seed=seed, instruction=instruction,
+                               max_steps=self.spec.max_steps, info=info)
+        return self.episode
+
+    # -- simulation ----------------------------------------------------------------------------
+
+    def step(self, targets: np.ndarray) -> None:
+        """Set joint position targets (clipped to the embodiment's limits), advance `sim_dt`."""
+        torch = self._torch
+        emb = self.embodiment
+        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+        if targets.shape != (len(emb.joint_names),):
+            raise ValueError(f"expected {len(emb.joint_names)} joint targets, got "
+                             f"{targets.shape}")
+        if not np.all(np.isfinite(targets)):
+            raise ValueError("joint targets must be finite")
+        targets = np.clip(targets, emb.lower, emb.upper)
+        closed, opened = emb.gripper_closed_position, emb.gripper_open_position
+        grip = 2.0 * (targets[self._gripper_index] - closed) / (opened - closed) - 1.0
+        action = np.concatenate([targets[self._arm_index], [grip]])
+        env = self.env
+        env.agent.set_action(torch.as_tensor(action[None], dtype=torch.float32))
+        for _ in range(self._physics_steps):
+            env.agent.before_simulation_step()
+            env.scene.step()
+        self._time += self.sim_dt
+        self._substep += 1
+        self._max_lift = max(self._max_lift, float(self.object_pose("source")[2, 3])
+                             - self._rest_z)
+        if self._substep % self._steps_per_period == 0:
+            # SimplerEnv judges once per control period: its grasp streak counts periods.
+            self._info = {k: bool(v[0]) for k, v in env.evaluate().items()
+                          if isinstance(v, torch.Tensor)}
+
+    def joint_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, velocities) of `embodiment.joint_names`."""
+        robot = self.env.agent.robot
+        q = robot.get_qpos()[0].cpu().numpy().astype(np.float64)
+        v = robot.get_qvel()[0].cpu().numpy().astype(np.float64)
+        return q[self._joint_index], v[self._joint_index]
+
+    @property
+    def time(self) -> float:
+        """Simulated seconds since the last reset."""
+        return self._time
+
+    def render(self) -> list[np.ndarray]:
+        """The third-person camera with SimplerEnv's real background, resized for the model."""
+        import cv2
+
+        frame = self.env._get_obs_sensor_data()[CAMERA]["rgb"][0].cpu().numpy()
+        frame = np.ascontiguousarray(frame[..., :3], dtype=np.uint8)
+        if frame.shape[:2] != (self.image_height, self.image_width):
+            frame = cv2.resize(frame, (self.image_width, self.image_height),
+                               interpolation=cv2.INTER_AREA)
+        return [frame]
+
+    def close(self) -> None:
+        """Release the simulator and renderer."""
+        env = getattr(self, "env", None)
+        if env is not None:
+            env.close()
+            self.env = None
+
+    # -- privileged state ----------------------------------------------------------------------
+
+    def _base_inverse(self) -> np.ndarray:
+        return np.linalg.inv(_pose_matrix(self.env.agent.robot.links_map["base_link"].pose))
+
+    def ee_pose(self) -> np.ndarray:
+        """Measured 4x4 pose of `ee_gripper_link` in the robot base frame (as `ArmKinematics`)."""
+        link = self.env.agent.robot.links_map["ee_gripper_link"]
+        return self._base_inverse() @ _pose_matrix(link.pose)
+
+    def object_pose(self, which: str) -> np.ndarray:
+        """4x4 pose of the task's `source` or `target` object in the robot base frame."""
+        env = self.env
+        name = env.source_obj_name if which == "source" else env.target_obj_name
+        return self._base_inverse() @ _pose_matrix(env.objs[name].pose)
+
+    def object_box(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """(centre, half extents) of the object's bounding box, in its own frame (m)."""
+        env = self.env
+        name = env.source_obj_name if which == "source" else env.target_obj_name
+        box = env.model_db[name]["bbox"]
+        scale = float(env.episode_model_scales[name])
+        low, high = np.asarray(box["min"], float) * scale, np.asarray(box["max"], float) * scale
+        return (low + high) / 2.0, (high - low) / 2.0
+
+    def is_grasping(self) -> bool:
+        """Whether both fingers hold the source object (ManiSkill's grasp test)."""
+        env = self.env
+        return bool(env.agent.is_grasping(env.objs[env.source_obj_name])[0])
+
+    def lift_height(self) -> float:
+        """Height of the source object above where it rested at reset (m)."""
+        return float(self.object_pose("source")[2, 3]) - self._rest_z
+
+    def success(self) -> bool:
+        """The task's own success at the last control period."""
+        return bool(self._info.get("success", False))
+
+    def outcome(self) -> dict:
+        """SimplerEnv's partial metrics, and the source object's name if it rose 3 cm.
+
+        Keys: grasped (at some point), consecutive_grasp (for 5 periods running), on_target (at
+        the end), max_lift_m, lifted, layout.
+        """
+        if self.episode is None:
+            return {}
+        lifted = self.env.source_obj_name if self._max_lift >= 0.03 else ""
+        return {"lifted": lifted,
+                "grasped": self._info.get("is_src_obj_grasped", False),
+                "consecutive_grasp": self._info.get("consecutive_grasp", False),
+                "on_target": self._info.get("src_on_target", False),
+                "max_lift_m": round(self._max_lift, 4),
+                "layout": self.episode.info["layout"]}
+
+    def expert(self) -> ScriptedExpert:
+        """A scripted grasp-and-place expert for the current episode."""
+        if self.episode is None:
+            raise SimError("call reset() before expert()")
+        return BridgeExpert(self)
+
+
+class BridgeExpert(ScriptedExpert):
+    """Pick the source object and put it on (or in) the target, from privileged state.
+
+    Acts in the embodiment's Bridge end-effector delta space, computed each period from the
+    measured end-effector pose and the objects' current poses. The gripper points down and
+    closes across the object: across the long axis of the spoon, carrot and eggplant, across a
+    face of the cube, turned the least from the arm's natural wrist angle. Phases: approach
+    (above the grasp point, turned), descend, close, lift, carry (above the target), lower,
+    release, retreat; a grasp that does not lift the object is retried from the approach.
+    """
+
+    HOVER = 0.07            # m above the grasp point while approaching
+    CARRY = 0.08            # m: lift of the end effector above the grasp height
+    CLOSE_STEPS = 3
+    RELEASE_STEPS = 2
+    MIN_GRASP_HEIGHT = 0.012  # m: end effector above the table top (fingertips clear it)
+
+    def __init__(self, backend: SimplerWidowXBackend, max_translation: float = 0.03,
+                 max_rotation: float = 0.2):
+        """Start in the approach phase with the gripper open."""
+        self.backend = backend
+        self.max_translation = float(max_translation)
+        self.max_rotation = float(max_rotation)
+        self.phase = "approach"
+        self.retries = 0
+        self._counter = 0
+        self._grasp_yaw: float | None = None
+        self._grasp = np.zeros(3)
+        source = backend.object_pose("source")
+        centre, half = backend.object_box("source")
+        self._table_z = float((source[:3, :3] @ centre + source[:3, 3])[2]
+                              - np.abs(source[:3, :3] @ half)[2])
+
+    def _box(self, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """An object's box in the base frame.
+
+        Returns (centre, half extents along the base axes, rotation, half extents along its
+        own axes).
+        """
+        pose = self.backend.object_pose(which)
+        centre, half = self.backend.object_box(which)
+        rotation = pose[:3, :3]
+        return rotation @ centre + pose[:3, 3], np.abs(rotation) @ half, rotation, half
+
+    def _choose_grasp_yaw(self, centre: np.ndarray, rotation: np.ndarray,
+                          half: np.ndarray) -> float:
+        """Finger direction across the object, the one needing least wrist rotation.
+
+        `half` is the object's half extents along its own axes (the columns of `rotation`).
+
+        With `wrist_rotate` at zero a top-down gripper closes across the arm's plane, at
+        `atan2(y, x) + pi/2`. A cube's faces repeat every 90 degrees; a long object is held
+        across its longest horizontal axis, which repeats every 180.
+        """
+        natural = math.atan2(centre[1], centre[0]) + math.pi / 2
+        axes = rotation[:2, :]                 # horizontal part of the object's axes
+        if self.backend.spec.shape == "cube":
+            yaw, period = math.atan2(rotation[1, 0], rotation[0, 0]), math.pi / 2
+        else:
+            lengths = half * np.linalg.norm(axes, axis=0)
+            axis = axes[:, int(np.argmax(lengths))]
+            yaw, period = math.atan2(axis[1], axis[0]) + math.pi / 2, math.pi
+        k = round((natural - yaw) / period)
+        return yaw + k * period
+
+    def _delta(self, pose: np.ndarray, goal: np.ndarray, goal_rotation: np.ndarray) -> np.ndarray:
+        """Bounded [dx, dy, dz, droll, dpitch, dyaw] from `pose` towards the goal."""
+        from scipy.spatial.transform import Rotation
+
+        translation = goal - pose[:3, 3]
+        distance = np.linalg.norm(translation)
+        if distance > self.max_translation:
+            translation *= self.max_translation / distance
+        # R_next = R_delta @ R_current (kinematics convention).
+        rotvec = Rotation.from_matrix(goal_rotation @ pose[:3, :3].T).as_rotvec()
+        angle = np.linalg.norm(rotvec)
+        if angle > self.max_rotation:
+            rotvec *= self.max_rotation / angle
+        return np.concatenate([translation, rotation_to_rpy(Rotation.from_rotvec(rotvec)
+                                                            .as_matrix())])
+
+    @staticmethod
+    def _rotation_error(a: np.ndarray, b: np.ndarray) -> float:
+        cos = (np.trace(a.T @ b) - 1.0) / 2.0
+        return math.acos(min(1.0, max(-1.0, cos)))
+
+    def act(self) -> np.ndarray:
+        """The next action: 6 end-effector deltas and the gripper (1 open, 0 closed)."""
+        backend = self.backend
+        pose = backend.ee_pose()
+        position = pose[:3, 3]
+        centre, half, rotation, own_half = self._box("source")
+        if self._grasp_yaw is None or self.phase == "approach":
+            self._grasp_yaw = self._choose_grasp_yaw(centre, rotation, own_half)
+        orientation = top_down_rotation(self._grasp_yaw)
+        grasp = np.array([centre[0], centre[1],
+                          max(centre[2], self._table_z + self.MIN_GRASP_HEIGHT)])
+        gripper = 1.0
+
+        def error(goal: np.ndarray) -> float:
+            return float(np.linalg.norm(goal - position))
+
+        if self.phase == "approach":
+            goal = grasp + (0.0, 0.0, self.HOVER)
+            if (np.linalg.norm(goal[:2] - position[:2]) < 0.01 and error(goal) < 0.02
+                    and self._rotation_error(orientation, pose[:3, :3]) < 0.08):
+                self.phase = "descend"
+        if self.phase == "descend":
+            goal = grasp
+            if error(goal) < 0.008:
+                self.phase, self._counter = "close", 0
+                self._grasp = goal.copy()
+        if self.phase == "close":
+            goal, gripper = self._grasp, 0.0
+            self._counter += 1
+            if self._counter > self.CLOSE_STEPS:
+                self.phase = "lift"
+        if self.phase == "lift":
+            gripper = 0.0
+            goal = self._grasp + (0.0, 0.0, self.CARRY)
+            raised = position[2] - self._grasp[2]
+            if raised > 0.03 and backend.lift_height() < raised - 0.02:
+                self.phase, gripper, self.retries = "approach", 1.0, self.retries + 1
+                goal = grasp + (0.0, 0.0, self.HOVER)
+            elif raised > self.CARRY - 0.02:
+                self.phase = "carry"
+        if self.phase in ("carry", "lower"):
+            gripper = 0.0
+            # SimplerEnv measures "on the target" between the objects' origins (x, y) and
+            # between their boxes (z): the origin goes over the target's origin.
+            target_top = self._box("target")
+            target_origin = backend.object_pose("target")[:3, 3]
+            source_origin = backend.object_pose("source")[:3, 3]
+            held = position - source_origin
+            bottom = centre[2] - half[2] - source_origin[2]     # box bottom below the origin
+            drop = np.array([target_origin[0], target_origin[1],
+                             target_top[0][2] + target_top[1][2] - bottom
+                             + backend.spec.place_clearance]) + held
+            if backend.lift_height() < 0.01 and self.phase == "carry":
+                self.phase, gripper = "approach", 1.0   # dropped on the way: pick it up again
+                goal = grasp + (0.0, 0.0, self.HOVER)
+            elif self.phase == "carry":
+                goal = np.array([drop[0], drop[1], max(drop[2], position[2])])
+                if np.linalg.norm(goal[:2] - position[:2]) < 0.01:
+                    self.phase = "lower"
+            if self.phase == "lower":
+                goal = drop
+                if error(goal) < 0.008:
+                    self.phase, self._counter = "release", 0
+        if self.phase == "release":
+            goal, gripper = position.copy(), 1.0
+            self._counter += 1
+            if self._counter > self.RELEASE_STEPS:
+                self.phase = "retreat"
+                self._grasp = position.copy()
+        if self.phase == "retreat":
+            goal = self._grasp + (0.0, 0.0, self.HOVER)
+        delta = self._delta(pose, goal, orientation)
+        return np.concatenate([delta, [gripper]])
