@@ -128,6 +128,9 @@ def test_the_scripted_expert_succeeds(task, seeds):
         assert record.steps == backend.episode.max_steps
         assert record.outcome["grasped"] and record.outcome["max_lift_m"] > 0.03
         assert record.outcome["on_target"]
+    # Demonstrations end a few periods after the expert is done instead.
+    short = run_episode(backend, seeds[0], render=False, stop_when_done=True)
+    assert short.success and short.steps < backend.episode.max_steps
 
 
 def test_an_untouched_scene_fails():

@@ -76,7 +76,7 @@ class DemoConfig:
         turned by up to 15 degrees); the evaluation runs SimplerEnv's episodes 0-23, none of
         which was demonstrated, each its full 60 steps.
         """
-        return cls(backend="simpler_widowx", task_name="widowx_carrot_on_plate", demos=100,
+        return cls(backend="simpler_widowx", task_name="widowx_carrot_on_plate", demos=150,
                    demo_seed=1000, eval_episodes=24, eval_seed=0)
 
     @classmethod

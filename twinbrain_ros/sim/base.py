@@ -49,6 +49,15 @@ class ScriptedExpert(ABC):
     def act(self) -> np.ndarray:
         """The next action, from the backend's current privileged state."""
 
+    @property
+    def done(self) -> bool:
+        """Whether the task is finished and the expert only holds still (False if it never says).
+
+        Demonstrations of a backend that judges episodes at their end stop here, so that they
+        do not fill up with frames of a robot holding still.
+        """
+        return False
+
 
 class SimBackend(ABC):
     """One simulated robot, scene and task family.

@@ -61,7 +61,7 @@ def _make_sim(backend: str, task: str, embodiment: Embodiment, image_size: int):
 
 
 def _demonstrate(sim, seed: int) -> _Demonstration:
-    record = run_episode(sim, seed, record=True)
+    record = run_episode(sim, seed, record=True, stop_when_done=True)
     images = {camera: np.stack([frames[c] for frames in record.frames])
               for c, camera in enumerate(sim.camera_names)}
     return _Demonstration(seed, record.success, record.steps, record.episode.instruction, images,

@@ -99,7 +99,8 @@ class SimulatedRobot:
 def run_episode(backend: SimBackend, seed: int,
                 policy: Callable[[list[np.ndarray], np.ndarray, Episode], np.ndarray] | None
                 = None, actions=None, record: bool = False, render: bool = True,
-                stop_on_success: bool | None = None, pipeline=None,
+                stop_on_success: bool | None = None, stop_when_done: bool = False,
+                pipeline=None,
                 actions_per_inference: int = 1, inference_delay_s: float = 0.0,
                 recorder=None) -> EpisodeRecord:
     """Run one seeded episode with the scripted expert (default), `policy` or `pipeline`.
@@ -114,6 +115,8 @@ def run_episode(backend: SimBackend, seed: int,
         render: render cameras every control step (needed by `record` and image policies).
         stop_on_success: end the episode at the first control step where it succeeded (None:
             unless the backend judges episodes at their end, `judge_at_end`).
+        stop_when_done: end the episode once it succeeds and the scripted expert says it is
+            `done` (demonstrations of backends that judge at the end).
         pipeline: a `PolicyPipeline` (the policy node's cycle); it replans every
             `actions_per_inference` control periods.
         actions_per_inference: the pipeline's replanning period in control periods.
@@ -157,6 +160,8 @@ def run_episode(backend: SimBackend, seed: int,
         robot.step()
         result.steps = step + 1
         if stop_on_success and backend.success():
+            break
+        if stop_when_done and expert is not None and expert.done and backend.success():
             break
     return _finish(backend, result)
 

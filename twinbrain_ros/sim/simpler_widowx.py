@@ -446,9 +446,10 @@ class BridgeExpert(ScriptedExpert):
     CLOSE_STEPS = 3
     RELEASE_STEPS = 2
     MIN_GRASP_HEIGHT = 0.012  # m: end effector above the table top (fingertips clear it)
+    DONE_PERIODS = 3        # periods of hovering after the release that end a demonstration
 
-    def __init__(self, backend: SimplerWidowXBackend, max_translation: float = 0.03,
-                 max_rotation: float = 0.2):
+    def __init__(self, backend: SimplerWidowXBackend, max_translation: float = 0.04,
+                 max_rotation: float = 0.3):
         """Start in the approach phase with the gripper open."""
         self.backend = backend
         self.max_translation = float(max_translation)
@@ -458,6 +459,7 @@ class BridgeExpert(ScriptedExpert):
         self._counter = 0
         self._grasp_yaw: float | None = None
         self._grasp = np.zeros(3)
+        self._held_still = 0       # periods spent hovering after the release
         source = backend.object_pose("source")
         centre, half = backend.object_box("source")
         self._table_z = float((source[:3, :3] @ centre + source[:3, 3])[2]
@@ -515,6 +517,11 @@ class BridgeExpert(ScriptedExpert):
     def _rotation_error(a: np.ndarray, b: np.ndarray) -> float:
         cos = (np.trace(a.T @ b) - 1.0) / 2.0
         return math.acos(min(1.0, max(-1.0, cos)))
+
+    @property
+    def done(self) -> bool:
+        """Released and back at the hover height for `DONE_PERIODS` periods."""
+        return self._held_still >= self.DONE_PERIODS
 
     def act(self) -> np.ndarray:
         """The next action: 6 end-effector deltas and the gripper (1 open, 0 closed)."""
@@ -587,5 +594,6 @@ class BridgeExpert(ScriptedExpert):
                 self._grasp = position.copy()
         if self.phase == "retreat":
             goal = self._grasp + (0.0, 0.0, self.HOVER)
+            self._held_still = self._held_still + 1 if error(goal) < 0.01 else 0
         delta = self._delta(pose, goal, orientation)
         return np.concatenate([delta, [gripper]])
