@@ -26,12 +26,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Mesa's software Vulkan driver (lavapipe) 25.x, which SAPIEN (simulator backend simpler_widowx)
-# renders with on machines without a GPU. Root, Debian 12 (bookworm-backports) or a Debian/Ubuntu
-# whose own mesa-vulkan-drivers is 25 or newer; a machine with a GPU driver needs nothing here.
+# Mesa's software Vulkan driver (lavapipe) 25 or newer, which SAPIEN (simulator backend
+# simpler_widowx, rendering on the CPU) needs. Root; Debian 12 takes it from bookworm-backports,
+# other Debian/Ubuntu releases from their own archive (checked to be 25 or newer).
+MESA_VULKAN_VERSION = dpkg-query -W -f='$${Status} $${Version}' mesa-vulkan-drivers 2>/dev/null \
+	| sed -n 's/^install ok installed \(.*\)/\1/p'
 sim-vulkan:
-	@if dpkg-query -W -f='$${Version}' mesa-vulkan-drivers 2>/dev/null | grep -Eq '^(2[5-9]|[3-9][0-9])'; then \
-	  echo "mesa-vulkan-drivers $$(dpkg-query -W -f='$${Version}' mesa-vulkan-drivers) already installed"; \
+	@if $(MESA_VULKAN_VERSION) | grep -Eq '^([0-9]+:)?(2[5-9]|[3-9][0-9])\.'; then \
+	  echo "mesa-vulkan-drivers $$($(MESA_VULKAN_VERSION)) already installed"; \
 	elif grep -q 'VERSION_CODENAME=bookworm' /etc/os-release; then \
 	  echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/bookworm-backports.list && \
 	  apt-get update -qq && \
@@ -40,6 +42,8 @@ sim-vulkan:
 	else \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libvulkan1 mesa-vulkan-drivers; \
 	fi
+	@$(MESA_VULKAN_VERSION) | grep -Eq '^([0-9]+:)?(2[5-9]|[3-9][0-9])\.' || \
+	  { echo "sim-vulkan: mesa-vulkan-drivers is older than 25 here; SAPIEN needs 25 or newer" >&2; exit 1; }
 
 demo: venv
 	$(PY) -m twinbrain_ros.demo

@@ -20,7 +20,8 @@ A simulation thread steps the backend (`twinbrain_ros.sim`) by its `sim_dt`, pac
 
 It executes `trajectory_msgs/JointTrajectory` messages from the embodiment's trajectory topic
 (and gripper topic) like a joint trajectory controller (`twinbrain_ros.sim.follower`). An episode
-ends on success or after the task's step budget; the robot then holds still, and nothing is
+ends on success or after the task's step budget (only after the budget for a backend that judges
+episodes at their end, `judge_at_end`); the robot then holds still, and nothing is
 published until the next reset. Resets come from `/sim/reset` (`std_msgs/String`: a JSON object
 `{"seed": int, "task": str}`, both optional; an empty string means the next seed of the current
 task), or automatically with `auto_reset`.
@@ -119,7 +120,7 @@ class SimBridge(Node):
         self._episode = None            # current Episode while one runs
         self._episode_index = -1
         self._steps = 0                 # control steps of the current episode
-        self._substeps_done = 0         # simulator steps since the bridge started
+        self._substeps_done = 0         # simulator steps of the current episode
         self._trajectories = 0          # trajectories executed in the current episode
         self._sim_time = 0.0            # monotonic simulated time (the /clock)
         self._reset_request = None      # (seed or None, task or None)
@@ -305,6 +306,7 @@ class SimBridge(Node):
             self._episode = episode
             self._episode_index += 1
             self._steps = 0
+            self._substeps_done = 0     # control periods start with the episode
             self._trajectories = 0
         if self.params["expert"]:
             self._expert = self.backend.expert()

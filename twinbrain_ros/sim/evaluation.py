@@ -271,9 +271,11 @@ def format_simpler_table(summary: dict, episodes: list[dict]) -> str:
     width = max(12, *(len(c) for c in columns))
     header = f"{'':<22}" + "".join(f"{c:>{width + 2}}" for c in columns)
     counts = {summary["tasks"][t]["episodes"] for t in tasks}
-    protocol = counts == {PROTOCOL_EPISODES}
+    # The protocol: SimplerEnv's own first 24 layouts of each task (seeds 0-23).
+    protocol = counts == {PROTOCOL_EPISODES} and all(
+        e.get("info", {}).get("protocol") for e in episodes)
     lines = [f"SimplerEnv WidowX (Bridge), {'/'.join(str(n) for n in sorted(counts))} episodes "
-             f"per task{' (its protocol)' if protocol else ' (the protocol runs 24)'}",
+             f"per task{' (its protocol)' if protocol else ' (not its protocol: episodes 0-23)'}",
              header]
     grasp_rates = [float(np.mean(grasped[t])) if grasped[t] else 0.0 for t in tasks]
     success_rates = [summary["tasks"][t]["success_rate"] for t in tasks]

@@ -36,10 +36,11 @@ Success is the task's own `evaluate()`, called once per 5 Hz control period as i
 source object grasped at some point, grasped for 5 periods in a row, on the target at the end,
 and how high the source object was lifted.
 
-The assets come from ManiSkill's asset folder (`MS_ASSET_DIR`, default `~/.maniskill/data`),
+The assets come from ManiSkill's asset folder (`$MS_ASSET_DIR/data`, default `~/.maniskill`),
 filled by ManiSkill's downloader or copied from an offline tree; nothing is downloaded here.
-Rendering needs a Vulkan driver: on a machine without a GPU, Mesa's lavapipe 25.x
-(`make sim-vulkan`). Both are checked at construction, with an error that says what to do.
+Rendering is on the CPU (`sapien_cpu`), so it needs Mesa's software Vulkan driver (lavapipe)
+25 or newer, on any machine (`make sim-vulkan`). Both are checked at construction, with an
+error that says what to do.
 
 Options (keyword arguments of the constructor): `image_width`, `image_height` (model image
 size, default 224), `render_scale` (the camera renders at this fraction of 640x480 with its
@@ -93,26 +94,45 @@ CONTROL_PERIOD_S = 0.2    # SimplerEnv's Bridge control rate, 5 Hz
 PHYSICS_HZ = 500          # ManiSkill's Bridge simulation rate
 ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
 GRIPPER_DRIVE = (0.014, 0.038)   # SimplerEnv's finger drive range (joint limits +- 1 mm)
+# SimplerEnv's measured Bridge start poses (the 6 arm joints, then both fingers open).
+START_QPOS = {"flat_table": [-0.01840777, 0.0398835, 0.22242722, -0.00460194, 1.36524296,
+                             0.00153398, 0.037, 0.037],
+              "sink": [-0.2600599, -0.12875618, 0.04461369, -0.00652761, 1.7033415,
+                       -0.26983038, 0.037, 0.037]}
 
-VULKAN_HELP = ("SAPIEN renders with Vulkan, and no usable Vulkan device was found. On a "
-               "machine without a GPU install Mesa's software driver (lavapipe) 25.x: `make "
-               "sim-vulkan` (root; Debian 12: libvulkan1 and mesa-vulkan-drivers from "
-               "bookworm-backports). Debian 12's stock Mesa 22.3 does not work")
+# Words in SAPIEN's errors when it finds no Vulkan device it can render with.
+VULKAN_ERRORS = ("vk::", "vulkan", "rendering device", "physical device", "failed to find a "
+                 "supported")
+VULKAN_HELP = ("SAPIEN renders with Vulkan, and no usable Vulkan device was found. The backend "
+               "renders on the CPU, through Mesa's software driver (lavapipe) 25 or newer: "
+               "`make sim-vulkan` installs it (root; Debian 12: libvulkan1 and "
+               "mesa-vulkan-drivers from bookworm-backports). Debian 12's stock Mesa 22.3 does "
+               "not work")
 
 
 def asset_dir():
     """ManiSkill's asset folder (`MS_ASSET_DIR`, read when ManiSkill is imported)."""
-    from mani_skill import ASSET_DIR
-
+    try:
+        from mani_skill import ASSET_DIR
+    except ImportError as exc:
+        raise ImportError(f"simulation backend 'simpler_widowx' needs ManiSkill 3 ({exc}): "
+                          "`make venv` installs it (mani-skill==3.0.1 and sapien==3.0.3 from "
+                          "requirements-nodeps.txt, their imports from requirements.txt)"
+                          ) from exc
     return ASSET_DIR
 
 
 def check_assets() -> None:
     """Raise SimError, saying where they are expected and how to get them, if assets lack."""
     root = asset_dir()
+    bridge = root / "tasks/bridge_v2_real2sim_dataset"
     needed = [root / "robots/widowx/wx250s.urdf",
-              root / "tasks/bridge_v2_real2sim_dataset/custom/info_bridge_custom_v0.json",
-              root / "tasks/bridge_v2_real2sim_dataset/real_inpainting/bridge_real_eval_1.png"]
+              bridge / "custom/info_bridge_custom_v0.json",
+              bridge / "custom/info_bridge_custom_baked_tex_v0.json",
+              bridge / "real_inpainting/bridge_real_eval_1.png",
+              bridge / "real_inpainting/bridge_sink.png",
+              bridge / "stages/bridge_table_1_v1.glb",
+              bridge / "stages/bridge_table_1_v2.glb"]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise SimError(
@@ -161,11 +181,31 @@ def _env_class(env_id: str):
     class JointDriven(task_cls):
         layout_offset: tuple[np.ndarray, float] | None = None  # (xy per object, source yaw)
 
+        def __init__(self, *args, **kwargs):
+            # ManiSkill keeps the background photos and the objects kept out of the green
+            # screen in class attributes, shared by every environment of the process: a second
+            # one (another task, a rebuilt bridge) would change the first one's images.
+            self._rgb_overlay_images = {}
+            self._objects_to_remove_from_greenscreen = []
+            super().__init__(*args, **kwargs)
+
         def _load_agent(self, options, *args, **kwargs):
             self.robot_uids = Sink if self.scene_setting == "sink" else FlatTable
             return super()._load_agent(options, *args, **kwargs)
 
+        def _park_robot(self):
+            """Put the robot in its start pose, held, before the objects settle.
+
+            ManiSkill moves the robot there only after settling: an arm left low by the last
+            episode would push them.
+            """
+            home = torch.tensor([START_QPOS[self.scene_setting]], dtype=torch.float32)
+            self.agent.reset(init_qpos=home)
+            self.agent.controller.reset()
+            self.agent.set_action(torch.cat([home[:, :6], torch.ones(1, 1)], dim=1))
+
         def _initialize_episode(self, env_idx, options):
+            self._park_robot()
             if self.layout_offset is None:
                 return super()._initialize_episode(env_idx, options)
             xyz, quat = self.xyz_configs, self.quat_configs
@@ -257,7 +297,7 @@ class SimplerWidowXBackend(SimBackend):
                                          "intrinsic": intrinsic}})
         except (RuntimeError, OSError) as exc:
             text = str(exc).lower()
-            if any(word in text for word in ("vk::", "vulkan", "rendering device", "render")):
+            if any(word in text for word in VULKAN_ERRORS):
                 raise SimError(f"{VULKAN_HELP} ({exc})") from exc
             raise
         env = self.env
@@ -282,6 +322,8 @@ class SimplerWidowXBackend(SimBackend):
         """SimplerEnv's episode `seed` (or, from `layouts` up, a shifted copy of one), settled."""
         torch = self._torch
         seed = int(seed)
+        if seed < 0:
+            raise SimError(f"seeds are non-negative, got {seed}")
         layout = seed % self.layouts
         env = self.env
         if seed >= self.layouts:
@@ -301,7 +343,7 @@ class SimplerWidowXBackend(SimBackend):
         self._max_lift = 0.0
         instruction = env.get_language_instruction()[0]
         info = {"env_id": self.spec.env_id, "layout": layout,
-                "protocol": seed < PROTOCOL_EPISODES and seed < self.layouts,
+                "protocol": 0 <= seed < min(PROTOCOL_EPISODES, self.layouts),
                 "source": env.source_obj_name, "target": env.target_obj_name,
                 "source_position": source[:3, 3].round(4).tolist(),
                 "target_position": target[:3, 3].round(4).tolist()}
