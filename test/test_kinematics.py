@@ -13,6 +13,8 @@ pytest.importorskip("pinocchio", reason="Pinocchio is not installed (pip install
 from twinbrain_ros.robot.kinematics import (  # noqa: E402
     WIDOWX_ARM_JOINTS,
     ArmKinematics,
+    bounded_pose_delta,
+    rotation_angle,
     rpy_matrix,
     widowx_urdf,
 )
@@ -30,11 +32,6 @@ def arm() -> ArmKinematics:
 def q_home() -> np.ndarray:
     """A Bridge-like pose: gripper in front of the robot, pointing forward and down."""
     return np.array([0.0, -0.4, 0.5, 0.0, 0.8, 0.0])
-
-
-def rotation_angle(r_a: np.ndarray, r_b: np.ndarray) -> float:
-    cos = (np.trace(r_a.T @ r_b) - 1.0) / 2.0
-    return math.acos(min(1.0, max(-1.0, cos)))
 
 
 def rz(angle: float) -> np.ndarray:
@@ -86,6 +83,42 @@ def test_rpy_matrix_is_fixed_axis_roll_then_pitch_then_yaw():
     roll, pitch, yaw = 0.3, -0.2, 1.1
     np.testing.assert_allclose(rpy_matrix(roll, pitch, yaw), rz(yaw) @ ry(pitch) @ rx(roll),
                                atol=1e-12)
+
+
+def test_rotation_angle_is_the_angle_between_two_orientations():
+    base = rpy_matrix(0.4, -0.7, 2.0)
+    assert rotation_angle(base, base) == pytest.approx(0.0, abs=1e-7)
+    assert rotation_angle(base, rz(0.3) @ base) == pytest.approx(0.3, abs=1e-9)
+    assert rotation_angle(rx(-1.2) @ base, base) == pytest.approx(1.2, abs=1e-9)
+    assert rotation_angle(base, ry(math.pi) @ base) == pytest.approx(math.pi, abs=1e-6)
+
+
+def test_a_bounded_pose_delta_heads_straight_at_the_goal_and_reaches_a_near_one():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        pose = np.eye(4)
+        pose[:3, :3] = rpy_matrix(*rng.uniform(-math.pi, math.pi, 3))
+        pose[:3, 3] = rng.uniform(-0.3, 0.3, 3)
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        angle = rng.uniform(0.0, 2.5)
+        # Rodrigues: a known rotation about a known axis, applied in the base frame.
+        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        turn = np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+        goal_rotation = turn @ pose[:3, :3]
+        goal_position = pose[:3, 3] + rng.normal(0.0, 0.05, 3)
+
+        delta = bounded_pose_delta(pose, goal_position, goal_rotation, 0.03, 0.3)
+        step = goal_position - pose[:3, 3]
+        distance = np.linalg.norm(step)
+        # Translation: the whole way when near, else 3 cm along the same direction.
+        np.testing.assert_allclose(delta[:3], step * min(1.0, 0.03 / distance), atol=1e-12)
+        # Rotation: R_next = R_delta @ R_current turns about the goal's own axis, by at most
+        # 0.3 rad, and lands on the goal when it is within reach.
+        applied = rpy_matrix(*delta[3:]) @ pose[:3, :3]
+        assert rotation_angle(pose[:3, :3], applied) == pytest.approx(min(angle, 0.3), abs=1e-7)
+        assert rotation_angle(applied, goal_rotation) == pytest.approx(max(angle - 0.3, 0.0),
+                                                                        abs=1e-7)
 
 
 def test_ik_recovers_random_poses_from_a_perturbed_seed(arm):

@@ -135,6 +135,34 @@ def top_down_rotation(grasp_yaw: float) -> np.ndarray:
     return np.column_stack([x_axis, y_axis, np.cross(x_axis, y_axis)])
 
 
+def rotation_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (rad, 0..pi) of the rotation that takes orientation `a` to orientation `b`."""
+    cos = (np.trace(np.asarray(a).T @ np.asarray(b)) - 1.0) / 2.0
+    return float(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def bounded_pose_delta(pose: np.ndarray, goal_position: np.ndarray, goal_rotation: np.ndarray,
+                       max_translation: float, max_rotation: float) -> np.ndarray:
+    """Bridge delta `[dx, dy, dz, droll, dpitch, dyaw]` from `pose` towards a goal, bounded.
+
+    The translation is cut to `max_translation` (m) along its direction, and the rotation
+    `R_goal @ R_current^T` (the convention of `ArmKinematics.ee_deltas_to_joint_targets`) to
+    `max_rotation` (rad) about its own axis, so that a step always heads straight at the goal.
+    `pose` is a 4x4 end-effector pose in the base frame.
+    """
+    pin = _require("pinocchio")
+    pose = np.asarray(pose, dtype=float)
+    translation = np.asarray(goal_position, dtype=float) - pose[:3, 3]
+    distance = np.linalg.norm(translation)
+    if distance > max_translation:
+        translation = translation * (max_translation / distance)
+    rotvec = pin.log3(np.asarray(goal_rotation, dtype=float) @ pose[:3, :3].T)
+    angle = np.linalg.norm(rotvec)
+    if angle > max_rotation:
+        rotvec = rotvec * (max_rotation / angle)
+    return np.concatenate([translation, rotation_to_rpy(pin.exp3(rotvec))])
+
+
 class ArmKinematics:
     """Forward and inverse kinematics of a serial arm from a URDF, with Pinocchio.
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..robot.embodiment import Embodiment
-from ..robot.kinematics import rotation_to_rpy, top_down_rotation
+from ..robot.kinematics import bounded_pose_delta, rotation_angle, top_down_rotation
 from .base import Episode, ScriptedExpert, SimBackend, SimError
 
 
@@ -539,27 +539,6 @@ class BridgeExpert(ScriptedExpert):
         k = round((natural - yaw) / period)
         return yaw + k * period
 
-    def _delta(self, pose: np.ndarray, goal: np.ndarray, goal_rotation: np.ndarray) -> np.ndarray:
-        """Bounded [dx, dy, dz, droll, dpitch, dyaw] from `pose` towards the goal."""
-        from scipy.spatial.transform import Rotation
-
-        translation = goal - pose[:3, 3]
-        distance = np.linalg.norm(translation)
-        if distance > self.max_translation:
-            translation *= self.max_translation / distance
-        # R_next = R_delta @ R_current (kinematics convention).
-        rotvec = Rotation.from_matrix(goal_rotation @ pose[:3, :3].T).as_rotvec()
-        angle = np.linalg.norm(rotvec)
-        if angle > self.max_rotation:
-            rotvec *= self.max_rotation / angle
-        return np.concatenate([translation, rotation_to_rpy(Rotation.from_rotvec(rotvec)
-                                                            .as_matrix())])
-
-    @staticmethod
-    def _rotation_error(a: np.ndarray, b: np.ndarray) -> float:
-        cos = (np.trace(a.T @ b) - 1.0) / 2.0
-        return math.acos(min(1.0, max(-1.0, cos)))
-
     @property
     def done(self) -> bool:
         """Released and back at the hover height for `DONE_PERIODS` periods."""
@@ -584,7 +563,7 @@ class BridgeExpert(ScriptedExpert):
         if self.phase == "approach":
             goal = grasp + (0.0, 0.0, self.HOVER)
             if (np.linalg.norm(goal[:2] - position[:2]) < 0.01 and error(goal) < 0.02
-                    and self._rotation_error(orientation, pose[:3, :3]) < 0.08):
+                    and rotation_angle(orientation, pose[:3, :3]) < 0.08):
                 self.phase = "descend"
         if self.phase == "descend":
             goal = grasp
@@ -637,5 +616,6 @@ class BridgeExpert(ScriptedExpert):
         if self.phase == "retreat":
             goal = self._grasp + (0.0, 0.0, self.HOVER)
             self._held_still = self._held_still + 1 if error(goal) < 0.01 else 0
-        delta = self._delta(pose, goal, orientation)
+        delta = bounded_pose_delta(pose, goal, orientation, self.max_translation,
+                                   self.max_rotation)
         return np.concatenate([delta, [gripper]])

@@ -48,7 +48,8 @@ import numpy as np
 from ..robot.embodiment import Embodiment
 from ..robot.kinematics import (
     WIDOWX_ARM_JOINTS,
-    rotation_to_rpy,
+    bounded_pose_delta,
+    rotation_angle,
     top_down_rotation,
     widowx_urdf,
     widowx_xacro_path,
@@ -563,32 +564,6 @@ class CubeExpert(ScriptedExpert):
         k = round((natural - cube_yaw) / (math.pi / 2))
         return cube_yaw + k * math.pi / 2
 
-    def _delta(self, pose: np.ndarray, goal_position: np.ndarray,
-               goal_rotation: np.ndarray) -> np.ndarray:
-        """Bounded [dx, dy, dz, droll, dpitch, dyaw] from `pose` towards the goal."""
-        translation = goal_position - pose[:3, 3]
-        distance = np.linalg.norm(translation)
-        if distance > self.max_translation:
-            translation *= self.max_translation / distance
-        # R_next = R_delta @ R_current (kinematics convention): R_delta = R_goal @ R_current^T.
-        rotation = goal_rotation @ pose[:3, :3].T
-        rotvec = np.zeros(3)
-        quat = np.zeros(4)
-        mujoco.mju_mat2Quat(quat, rotation.reshape(-1))
-        mujoco.mju_quat2Vel(rotvec, quat, 1.0)
-        angle = np.linalg.norm(rotvec)
-        if angle > self.max_rotation:
-            mujoco.mju_axisAngle2Quat(quat, rotvec / angle, self.max_rotation)
-            mat = np.zeros(9)
-            mujoco.mju_quat2Mat(mat, quat)
-            rotation = mat.reshape(3, 3)
-        return np.concatenate([translation, rotation_to_rpy(rotation)])
-
-    @staticmethod
-    def _rotation_error(a: np.ndarray, b: np.ndarray) -> float:
-        cos = (np.trace(a.T @ b) - 1.0) / 2.0
-        return math.acos(min(1.0, max(-1.0, cos)))
-
     def act(self) -> np.ndarray:
         """The next action: 6 end-effector deltas and the gripper (1 open, 0 closed)."""
         backend = self.backend
@@ -607,7 +582,7 @@ class CubeExpert(ScriptedExpert):
         if self.phase == "approach":
             goal = grasp + (0.0, 0.0, self.HOVER)
             if (np.linalg.norm(goal[:2] - pose[:2, 3]) < 0.01 and position_error(goal) < 0.02
-                    and self._rotation_error(rotation, pose[:3, :3]) < 0.08):
+                    and rotation_angle(rotation, pose[:3, :3]) < 0.08):
                 self.phase = "descend"
         if self.phase == "descend":
             goal = grasp
@@ -653,5 +628,5 @@ class CubeExpert(ScriptedExpert):
                 self._grasp_z = float(pose[2, 3])
         if self.phase == "retreat":
             goal = np.array([*pose[:2, 3], self._grasp_z + self.HOVER])
-        delta = self._delta(pose, goal, rotation)
+        delta = bounded_pose_delta(pose, goal, rotation, self.max_translation, self.max_rotation)
         return np.concatenate([delta, [gripper]])
