@@ -122,6 +122,27 @@ def test_backends_in_one_process_keep_their_own_background():
     assert np.abs(after.astype(int) - before.astype(int)).mean() < 1.0
 
 
+def test_a_smaller_render_scale_renders_fewer_pixels_of_the_same_view():
+    full = simpler("widowx_carrot_on_plate")
+    full.reset(0)
+    (reference,) = full.render()
+    with pytest.raises(SimError, match="render_scale"):
+        make_backend("simpler_widowx", task="widowx_carrot_on_plate", render_scale=0.0)
+    half = make_backend("simpler_widowx", task="widowx_carrot_on_plate", image_width=128,
+                        image_height=96, render_scale=0.5)
+    try:
+        half.reset(0)
+        raw = half.env._get_obs_sensor_data()["3rd_view_camera"]["rgb"][0]
+        assert tuple(raw.shape[:2]) == (240, 320)
+        (frame,) = half.render()
+    finally:
+        half.close()
+    assert frame.shape == reference.shape
+    # Same view once resized: intrinsics scaled with the image. Unscaled intrinsics would zoom
+    # in 2x; a 2-pixel shift of the reference alone differs by about 6 grey levels.
+    assert np.abs(frame.astype(int) - reference.astype(int)).mean() < 2.0
+
+
 def test_joint_targets_are_tracked():
     backend = simpler("widowx_carrot_on_plate")
     backend.reset(1)
