@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 
 
 def run_node(factory, name: str, args: list[str] | None = None,
@@ -21,8 +22,14 @@ def run_node(factory, name: str, args: list[str] | None = None,
     from rclpy.executors import ExternalShutdownException
 
     # rclpy's own handler (installed by init) shuts the context down and then chains to the
-    # Python handler that was in place: this one, which ignores every later SIGINT/SIGTERM
-    # before it raises, so the second Ctrl-C cannot interrupt the shutdown.
+    # Python handler that was in place: this one, which ignores every later SIGINT/SIGTERM, so
+    # the second Ctrl-C cannot interrupt the shutdown. Before spinning it raises
+    # KeyboardInterrupt (a node still loading its model stops at once); while spinning it
+    # does not: the shut-down context ends spin with ExternalShutdownException, whereas an
+    # exception raised at whatever Python code the main thread was running could land inside
+    # rclpy's C++ (a message being converted in take_message) and come out as an unrelated
+    # RuntimeError with a traceback.
+    _spinning.clear()
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     node = None
@@ -30,6 +37,7 @@ def run_node(factory, name: str, args: list[str] | None = None,
     try:
         rclpy.init(args=args)
         node = factory()
+        _spinning.set()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -38,15 +46,20 @@ def run_node(factory, name: str, args: list[str] | None = None,
         code = 1
     finally:
         _ignore_further_signals()
+        _spinning.clear()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
     return code
 
 
+_spinning = threading.Event()
+
+
 def _interrupt(signum, frame):
     _ignore_further_signals()
-    raise KeyboardInterrupt
+    if not _spinning.is_set():
+        raise KeyboardInterrupt
 
 
 def _ignore_further_signals() -> None:
