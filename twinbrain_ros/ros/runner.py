@@ -30,6 +30,7 @@ def run_node(factory, name: str, args: list[str] | None = None,
     # rclpy's C++ (a message being converted in take_message) and come out as an unrelated
     # RuntimeError with a traceback.
     _spinning.clear()
+    _signalled.clear()
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     node = None
@@ -44,6 +45,15 @@ def run_node(factory, name: str, args: list[str] | None = None,
     except (*expected_errors, ParameterException) as error:
         print(f"{name}: {error}", flush=True)
         code = 1
+    except RuntimeError as error:
+        # rclpy's handler shuts the context down from its own thread: a spin_once already past
+        # its ok() check then fails to build its wait set ("context is not valid"), or a
+        # message conversion it was in is cut short. After a signal that is the shutdown
+        # itself, not a fault; anything else is raised as it is.
+        if not (_signalled.is_set() and not rclpy.ok()):
+            raise
+        print(f"{name}: shut down ({type(error).__name__} from rclpy while it shut down)",
+              flush=True)
     finally:
         _ignore_further_signals()
         _spinning.clear()
@@ -54,9 +64,11 @@ def run_node(factory, name: str, args: list[str] | None = None,
 
 
 _spinning = threading.Event()
+_signalled = threading.Event()
 
 
 def _interrupt(signum, frame):
+    _signalled.set()
     _ignore_further_signals()
     if not _spinning.is_set():
         raise KeyboardInterrupt
