@@ -51,8 +51,18 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The suite in two parts: TEST_WORKERS processes in parallel (a test's time goes mostly to
+# process start-up, ROS discovery and simulated episodes, not to the CPU), then, alone, the
+# tests marked `serial` (they check times and rates). Both parts run; the worse exit code wins
+# ("no tests selected" in a part is fine). `make test TESTS=test/test_serving.py` runs one file.
+TEST_WORKERS ?= 3
+TESTS ?=
 test: lint
-	$(PY) -m pytest
+	@status=0; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial" $(TESTS) \
+	  || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	$(PY) -m pytest -m serial $(TESTS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	exit $$status
 
 bench: venv
 	$(PY) benchmarks/bench_inference.py --size tiny

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from conftest import (
+from helpers import (
     FAMILIES,
     build_model,
     camera_frame,
@@ -15,6 +13,7 @@ from conftest import (
     talkative_backbone,
 )
 from safetensors.torch import load_file, save_file
+from waiting import wait_until
 
 from twinbrain_ros.model.ask import AskError, LeftBrainChat
 from twinbrain_ros.model.backbone import BackboneError
@@ -109,10 +108,7 @@ def test_end_tokens_and_repetition_penalty_come_from_the_generation_config(tmp_p
 
 def test_an_untied_head_is_read_in_the_background(backbones):
     chat = LeftBrainChat(build_model(backbones[("qwen3_vl", False)]).eval())
-    deadline = time.monotonic() + 30
-    while not chat.head_ready():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(chat.head_ready, 30, "the head read in the background")
     assert chat._loader is not None and chat._head is not None  # read by the thread
 
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, camera_frame
+from helpers import build_model, camera_frame
 from safetensors import safe_open
 
 from twinbrain_ros.model.backbone import load_vlm

@@ -59,6 +59,8 @@ def test_reduced_gr1_demo_trains_and_runs_the_closed_loop_through_ros(ros_env, t
     # The 29 joint targets reached the robot over ROS, and each episode says how far it got.
     for episodes in _assert_both_ran_closed_loop(tmp_path / "demo", cfg, summary):
         assert {"lifted", "max_lift_m", "closest_to_target_m"} <= set(episodes[0]["outcome"])
+        # The quick run's episodes are cut to 100 control periods (5 s) of the 25 s.
+        assert all(e["steps"] == cfg.eval_episode_steps == 100 for e in episodes), episodes
     assert summary["wrong_object_rate"] is None and set(summary["lift_rate"]) == {
         "trained", "untrained"}
     assert "lifted the object" in printed and "pick_place_can" in printed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_model, camera_frame
+from helpers import build_model, camera_frame
 
 from twinbrain_ros.model.backbone import InstructionError
 from twinbrain_ros.model.engine import InferenceEngine
@@ -64,16 +64,19 @@ def test_static_buckets_give_the_eager_actions_with_causal_left_visibility(tiny_
     assert np.abs(other - eager).max() > 1e-4
 
 
-# Every family, brain mode and camera count, with the compiler's cost (about a minute each on
-# two cores) paid four times instead of eight.
+# Every family, brain mode and camera count, with the compiler's cost (about a minute for the
+# first, half that for the next with the shared cache, on two cores) paid four times, not eight.
+@pytest.mark.xdist_group("inductor")  # one process: the compiler's warm state is reused
 @pytest.mark.parametrize("family, brain_mode, cameras", [
     ("qwen2_5_vl", "twin", 1), ("qwen2_5_vl", "single", 2),
     ("qwen3_vl", "twin", 2), ("qwen3_vl", "single", 1)])
 def test_the_compiled_engine_gives_the_eager_actions(tiny_backbones, family, brain_mode, cameras,
-                                                     tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+                                                     inductor_cache, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
+    before = set(inductor_cache.rglob("*"))
     model = _model(tiny_backbones[family], brain_mode=brain_mode).eval()
     engine = InferenceEngine(model, num_cameras=cameras, token_budgets=(32,), compile=True)
+    assert engine.cache_dir == inductor_cache
     assert engine.warmup("arm") > 0 and engine.state == "compiled"
     assert engine.buckets[0].compiled and engine.buckets[0].compile_s > 0
     images, state = _observation(model, cameras)
@@ -81,7 +84,7 @@ def test_the_compiled_engine_gives_the_eager_actions(tiny_backbones, family, bra
         eager = model.predict_action(images, instruction, state, "arm", seed=9)
         compiled = engine.predict_action(images, instruction, state, "arm", seed=9)
         np.testing.assert_allclose(compiled, eager, atol=1e-4)
-    assert any((tmp_path / "inductor").rglob("*")), "inductor's cache is where it was told"
+    assert set(inductor_cache.rglob("*")) - before, "inductor's cache is where it was told"
 
 
 def test_bf16_static_actions_stay_within_one_percent_of_bf16_eager(tiny_backbones):
@@ -126,7 +129,7 @@ def test_a_compiler_that_fails_falls_back_to_the_same_answers(tiny_backbones, mo
 
 def test_the_runtime_compiles_before_it_is_ready_and_falls_back_to_eager(tiny_backbones,
                                                                          tmp_path, monkeypatch):
-    from conftest import save_policy_checkpoint
+    from helpers import save_policy_checkpoint
 
     from twinbrain_ros.policy.runtime import Observation, PolicyRuntime
     from twinbrain_ros.robot.embodiment import Embodiment

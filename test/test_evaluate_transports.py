@@ -1,12 +1,12 @@
 """`evaluate --transport inprocess` runs the policy node's code without ROS and agrees with the
-ROS path, seed for seed."""
+ROS path, seed for seed (episodes cut to 20 control periods by `--episode-steps`)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import save_policy_checkpoint
+from helpers import save_policy_checkpoint
 
 from twinbrain_ros.robot.embodiment import Embodiment
 
@@ -26,7 +26,7 @@ def test_inprocess_and_ros_evaluations_give_the_same_outcome_per_seed(ros_env, t
         code = main(["--transport", transport, "--embodiment", "widowx", "--tasks", "pick_cube",
                      "--episodes", "3", "--seed", "20", "--checkpoint", str(checkpoint),
                      "--device", "cpu", "--image-size", "64", "--out", str(out),
-                     "--real-time-factor", "2"])
+                     "--real-time-factor", "2", "--episode-steps", "20"])
         printed = capsys.readouterr().out
         assert code == 0, printed
         assert f"({transport})" in printed
@@ -36,6 +36,7 @@ def test_inprocess_and_ros_evaluations_give_the_same_outcome_per_seed(ros_env, t
     for a, b in zip(inprocess, ros, strict=True):
         assert a["instruction"] == b["instruction"]
         assert a["success"] == b["success"] and a["steps"] == b["steps"]
+        assert a["steps"] == 20 or a["success"]  # --episode-steps ends the episode
         assert a["outcome"]["lifted"] == b["outcome"]["lifted"]
         # Both moved the robot with the policy's trajectories.
         assert a["trajectories"] > 0 and b["trajectories"] > 0

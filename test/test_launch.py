@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stop_process_group
+from ros_harness import NodeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = REPO / "launch" / "policy.launch.py"
@@ -248,46 +246,25 @@ _RUN_LAUNCH = textwrap.dedent("""
 """)
 
 
-class LaunchProcess:
+def launch_process(tmp_path: Path, *arguments: str, launch_file: Path = LAUNCH_FILE
+                   ) -> NodeProcess:
     """`ros2 launch twinbrain_ros policy.launch.py ARGS` through launch.LaunchService."""
-
-    def __init__(self, tmp_path: Path, *arguments: str, launch_file: Path = LAUNCH_FILE):
-        self.log = tmp_path / "launch.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [
-            p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        self.handle = open(self.log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _RUN_LAUNCH, str(launch_file), *arguments], cwd=REPO,
-            env=env, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.text():
-                return True
-            if self.proc.poll() is not None:
-                return text in self.text()
-            time.sleep(0.2)
-        return False
-
-    def stop(self) -> int:
-        code = stop_process_group(self.proc, timeout=30)
-        self.handle.close()
-        return code
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return NodeProcess(tmp_path / "launch.log", None,
+                       ["-c", _RUN_LAUNCH, str(launch_file), *arguments], env=env,
+                       name="ros2 launch", cwd=REPO)
 
 
 @pytest.mark.ros
 @pytest.mark.slow
 def test_launch_without_checkpoint_fails_clearly(prefix, ros_env, tmp_path):
-    run = LaunchProcess(tmp_path)
+    run = launch_process(tmp_path)
     try:
-        assert run.wait_for("process has died", timeout=120), run.text()
+        run.wait_for_text("process has died", 120)
     finally:
-        run.stop()
+        run.stop(timeout=30)
     text = run.text()
     assert "parameter 'checkpoint' is required" in text, text
     assert "exit code 1" in text, text
@@ -296,20 +273,19 @@ def test_launch_without_checkpoint_fails_clearly(prefix, ros_env, tmp_path):
 @pytest.mark.ros
 @pytest.mark.slow
 def test_launch_starts_the_node_with_typed_arguments(prefix, ros_env, tmp_path, tiny_backbones):
-    from conftest import save_policy_checkpoint
+    from helpers import save_policy_checkpoint
 
     from twinbrain_ros.robot.embodiment import Embodiment
 
     checkpoint = save_policy_checkpoint(tiny_backbones["qwen2_5_vl"], tmp_path / "ckpt",
                                         Embodiment.load("gr1"))
-    run = LaunchProcess(tmp_path, "embodiment:=gr1", f"checkpoint:={checkpoint}",
-                        "device:=cpu", "enable_actuation:=true", "use_sim_time:=true")
+    run = launch_process(tmp_path, "embodiment:=gr1", f"checkpoint:={checkpoint}",
+                         "device:=cpu", "enable_actuation:=true", "use_sim_time:=true")
     try:
-        ready = run.wait_for("policy node ready", timeout=180)
+        run.wait_for_text("policy node ready", 180)
     finally:
-        code = run.stop()
+        code = run.stop(timeout=30)
     text = run.text()
-    assert ready, text
     assert "embodiment gr1" in text and "ACTUATION ENABLED on" in text, text
     assert code == 0, text
 
@@ -349,13 +325,12 @@ def test_sim_launch_with_the_expert_starts_no_policy_node(prefix):
 @pytest.mark.slow
 def test_sim_launch_runs_an_expert_episode(prefix, ros_env, tmp_path):
     pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
-    run = LaunchProcess(tmp_path, "expert:=true", "image_size:=64", "real_time_factor:=4.0",
-                        launch_file=SIM_LAUNCH_FILE)
+    run = launch_process(tmp_path, "expert:=true", "image_size:=64", "real_time_factor:=4.0",
+                         launch_file=SIM_LAUNCH_FILE)
     try:
-        ended = run.wait_for("ended: success", timeout=180)
+        run.wait_for_text("ended: success", 180)
     finally:
-        run.stop()
-    assert ended, run.text()
+        run.stop(timeout=30)
 
 
 @pytest.mark.ros
@@ -366,15 +341,14 @@ def test_sim_launch_with_a_policy_starts_the_first_episode_once_it_is_ready(pref
     from twinbrain_ros.model.tiny import make_tiny_policy
 
     checkpoint = make_tiny_policy("widowx", tmp_path / "tiny")
-    run = LaunchProcess(tmp_path, "task:=pick_cube", f"checkpoint:={checkpoint}",
-                        "image_size:=64", "real_time_factor:=4.0", "device:=cpu",
-                        launch_file=SIM_LAUNCH_FILE)
+    run = launch_process(tmp_path, "task:=pick_cube", f"checkpoint:={checkpoint}",
+                         "image_size:=64", "real_time_factor:=4.0", "device:=cpu",
+                         launch_file=SIM_LAUNCH_FILE)
     try:
-        ended = run.wait_for("episode 0 ended", timeout=240)
+        run.wait_for_text("episode 0 ended", 240)
     finally:
-        run.stop()
+        run.stop(timeout=30)
     text = run.text()
-    assert ended, text
     assert text.index("policy node ready") < text.index("episode 0:"), text
     assert text.index("is ready") < text.index("episode 0:"), text
 

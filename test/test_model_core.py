@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, build_model, camera_frame, make_batch
+from helpers import FAMILIES, build_model, camera_frame, make_batch
 
 
 def _loss(model, batch, seed=0):

@@ -5,15 +5,13 @@ for missing files."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import stop_process_group
+from ros_harness import NodeProcess, RobotSide
 
 from twinbrain_ros.robot.embodiment import Embodiment
 
@@ -33,9 +31,6 @@ def _readme_python_commands() -> list[str]:
 @pytest.mark.slow
 def test_the_readme_commands_drive_the_simulated_robot(ros_env, tmp_path):
     pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
-    import rclpy
-    from trajectory_msgs.msg import JointTrajectory
-
     commands = [shlex.split(line.replace("/tmp/twinbrain_tiny", str(tmp_path / "tiny")))
                 for line in _readme_python_commands()]
     assert [c[:3] for c in commands] == [
@@ -46,44 +41,29 @@ def test_the_readme_commands_drive_the_simulated_robot(ros_env, tmp_path):
                           text=True, timeout=300)
     assert made.returncode == 0, made.stdout + made.stderr
     assert (tmp_path / "tiny" / "policy" / "model.safetensors").is_file()
-    env = {**os.environ, **ros_env}
-    logs = {name: tmp_path / f"{name}.log" for name in ("bridge", "policy")}
-    rclpy.init()
-    node = rclpy.create_node("newcomer")
-    received = []
-    node.create_subscription(JointTrajectory, WIDOWX.trajectory_topic, received.append, 10)
+    robot = RobotSide(WIDOWX, name="newcomer")
     processes = []
     try:
         # The bridge first: it must wait for the policy node instead of starting an episode
         # the policy cannot act in.
-        with open(logs["bridge"], "w") as out:
-            processes.append(subprocess.Popen([sys.executable, *commands[1][1:]], cwd=ROOT,
-                                              env=env, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-        deadline = time.monotonic() + 120
-        while "waiting for the policy node" not in logs["bridge"].read_text():
-            assert time.monotonic() < deadline, logs["bridge"].read_text()
-            assert processes[0].poll() is None, logs["bridge"].read_text()
-            time.sleep(0.2)
-        assert "episode 0" not in logs["bridge"].read_text()
-        with open(logs["policy"], "w") as out:
-            processes.append(subprocess.Popen([sys.executable, *commands[2][1:]], cwd=ROOT,
-                                              env=env, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-        deadline = time.monotonic() + 180
-        while not received and time.monotonic() < deadline:
-            for process, log in zip(processes, logs.values(), strict=True):
-                assert process.poll() is None, log.read_text()
-            rclpy.spin_once(node, timeout_sec=0.1)
-        assert received, logs["policy"].read_text() + logs["bridge"].read_text()
-        bridge = logs["bridge"].read_text()
-        assert bridge.index("is ready") < bridge.index("episode 0")
+        bridge = robot.watch(NodeProcess(tmp_path / "bridge.log", commands[1][2],
+                                         commands[1][3:], cwd=ROOT))
+        processes.append(bridge)
+        bridge.wait_for_text("waiting for the policy node", 120)
+        assert "episode 0" not in bridge.text()
+        policy = robot.watch(NodeProcess(tmp_path / "policy.log", commands[2][2],
+                                         commands[2][3:], cwd=ROOT))
+        processes.append(policy)
+        robot.spin_until(lambda: robot.controller, 180, "the first trajectory on the arm's "
+                         "controller")
+        text = bridge.text()
+        assert text.index("is ready") < text.index("episode 0")
+        codes = [process.stop() for process in reversed(processes)]
     finally:
         for process in reversed(processes):
-            stop_process_group(process, 20)
-        node.destroy_node()
-        rclpy.shutdown()
-    assert all(p.returncode == 0 for p in processes), [p.returncode for p in processes]
+            process.stop()
+        robot.close()
+    assert codes == [0, 0], codes
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:

@@ -8,10 +8,11 @@ import time
 
 import numpy as np
 import pytest
-import yaml
-from conftest import save_policy_checkpoint
+from helpers import save_policy_checkpoint
+from ros_harness import RobotSide, in_process_policy_node, is_hold, positions
 
 from twinbrain_ros.robot.embodiment import Embodiment, config_dir
+from twinbrain_ros.ros import diagnostic_keys as keys
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -27,10 +28,10 @@ class WorkerKilled(BaseException):
 
 
 class FaultyRuntime:
-    """A real PolicyRuntime whose `infer` raises on the calls numbered in `faults`."""
+    """A real PolicyRuntime whose `infer` raises what `fault(call, observation)` returns."""
 
-    def __init__(self, runtime, faults: dict[int, BaseException]):
-        self.runtime, self.faults, self.calls = runtime, dict(faults), 0
+    def __init__(self, runtime, fault):
+        self.runtime, self.fault, self.calls, self.raised = runtime, fault, 0, 0
         self.identity = runtime.identity
 
     def check_instruction(self, text, max_tokens):
@@ -38,9 +39,10 @@ class FaultyRuntime:
 
     def infer(self, observation):
         self.calls += 1
-        fault = self.faults.pop(self.calls, None)
-        if fault is not None:
-            raise fault
+        error = self.fault(self.calls, observation)
+        if error is not None:
+            self.raised += 1
+            raise error
         return self.runtime.infer(observation)
 
 
@@ -53,306 +55,228 @@ def gr1_runtime(tiny_backbones, tmp_path_factory):
     return PolicyRuntime(str(path), GR1, device="cpu", seed=0)
 
 
-class Harness:
-    """A PolicyNode (GR1 params file) and the robot side, spun by one executor thread."""
-
-    def __init__(self, runtime, **overrides):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.parameter import Parameter
-        from sensor_msgs.msg import Image, JointState
-        from std_msgs.msg import String
-        from trajectory_msgs.msg import JointTrajectory
-
-        from twinbrain_ros.ros.policy_node import PolicyNode
-
-        self.rclpy, self.Image, self.JointState, self.String = rclpy, Image, JointState, String
-        rclpy.init()
-        params = yaml.safe_load((config_dir() / "gr1.yaml").read_text())
-        params = {**params["policy_node"]["ros__parameters"], "enable_actuation": True,
-                  "checkpoint": "in-process", "max_input_age_s": 1.0,
-                  "diagnostics_period_s": 0.2, **overrides}
-        self.policy = PolicyNode(runtime=runtime, parameter_overrides=[
-            Parameter(k, value=v) for k, v in params.items()])
-        self.node = rclpy.create_node("robot_side")
-        self.controller, self.dry_run, self.diagnostics = [], [], []
-        self.node.create_subscription(JointTrajectory, GR1.trajectory_topic,
-                                      self.controller.append, 50)
-        self.node.create_subscription(JointTrajectory, GR1.dry_run_topic,
-                                      self.dry_run.append, 50)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics",
-                                      self.diagnostics.append, 50)
-        self.image_pub = self.node.create_publisher(Image, GR1.image_topics[0], 10)
-        self.joint_pub = self.node.create_publisher(JointState, GR1.joint_state_topic, 10)
-        self.text_pub = self.node.create_publisher(String, GR1.instruction_topic, 10)
-        self.state = np.clip(np.linspace(-0.3, 0.3, GR1.state_dim), GR1.lower, GR1.upper)
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.policy)
-        self.executor.add_node(self.node)
-        self.spin_error = None
-        self._spinning = True
-        self.thread = threading.Thread(target=self._spin, daemon=True)
-        self.thread.start()
-
-    def _spin(self):
-        try:
-            while self._spinning and self.rclpy.ok():
-                self.executor.spin_once(timeout_sec=0.05)
-        except BaseException as error:  # noqa: BLE001 - a callback that raised ends the node
-            self.spin_error = error
-
-    def image(self, encoding="rgb8", height=48, width=64):
-        msg = self.Image(height=height, width=width, encoding=encoding, step=width * 3)
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        msg.data = bytes(msg.step * height)
-        return msg
-
-    def joints(self, positions=None):
-        msg = self.JointState(name=list(GR1.joint_names))
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        msg.position = [float(v) for v in (self.state if positions is None else positions)]
-        return msg
-
-    def publish(self, image=True, joints=True, text="pick up the red cup"):
-        if image:
-            self.image_pub.publish(image if not isinstance(image, bool) else self.image())
-        if joints is not False:  # True: the robot's state; an array: those positions
-            self.joint_pub.publish(self.joints(None if joints is True else joints))
-        if text is not None:
-            self.text_pub.publish(self.String(data=text))
-
-    def run_until(self, condition, timeout, publish=True, **kwargs):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not condition():
-            assert self.spin_error is None, self.spin_error
-            if publish:
-                self.publish(**kwargs)
-            time.sleep(0.03)
-        return condition()
-
-    def values(self) -> dict:
-        for array in reversed(self.diagnostics):
-            for status in array.status:
-                if status.name == "twinbrain_ros: policy_node":
-                    return {kv.key: kv.value for kv in status.values} | {
-                        "_level": status.level, "_message": status.message}
-        return {}
-
-    def close(self):
-        if not self._spinning:
-            return
-        self._spinning = False
-        self.thread.join(timeout=10)
-        self.policy.destroy_node()
-        self.node.destroy_node()
-        self.rclpy.shutdown()
-
-
 @pytest.fixture
-def harness_factory(ros_env):
-    made = []
-
-    def make(runtime, **overrides):
-        made.append(Harness(runtime, **overrides))
-        return made[-1]
-
-    yield make
-    for harness in made:
-        harness.close()
+def robot(ros_env):
+    side = RobotSide("gr1")
+    yield side
+    side.close()
 
 
-def _positions(trajectory):
-    return np.array([p.positions for p in trajectory.points])
+def _rejected(robot, cause: str) -> int:
+    return int(robot.values().get(keys.rejected(cause), 0))
 
 
 def test_a_failed_cycle_holds_at_the_newest_measured_position_and_planning_resumes(
-        harness_factory, gr1_runtime):
-    runtime = FaultyRuntime(gr1_runtime, {3: InjectedFault("model exploded"),
-                                          5: InjectedFault("again")})
-    h = harness_factory(runtime)
-    assert h.run_until(lambda: len(h.controller) >= 2, 60)
-    # The robot moves (within one step per joint) before the failing cycle: the hold goes to
-    # where it is now, not to the snapshot the failed cycle used or to the old plan.
-    h.state = np.clip(h.state + 0.5 * GR1.max_step, GR1.lower, GR1.upper)
-    assert h.run_until(lambda: runtime.calls >= 6 and len(h.controller) >= 6, 30)
-    holds = [t for t in h.controller if len(t.points) == 1
-             and not any(p.velocities and any(p.velocities) for p in t.points)]
+        robot, gr1_runtime):
+    # The robot moves (within one step per joint) before the failing cycle, the first to see
+    # it there: the hold goes to where it is now, not to the snapshot of an earlier cycle or to
+    # the old plan. The cycle after it plans, the next one fails again.
+    moved = np.clip(robot.state + 0.5 * GR1.max_step, GR1.lower, GR1.upper)
+    first = []
+
+    def fault(call, observation):
+        if not first and np.allclose(observation.state, moved):
+            first.append(call)
+            return InjectedFault("model exploded")
+        return InjectedFault("again") if first and call == first[0] + 2 else None
+
+    runtime = FaultyRuntime(gr1_runtime, fault)
+    in_process_policy_node(robot, runtime)
+    robot.spin_until(lambda: len(robot.controller) >= 2, 60, "two trajectories", feed=True)
+    robot.state = moved
+    robot.spin_until(lambda: runtime.raised == 2 and runtime.calls >= runtime.raised + 4, 30,
+                     "two failed cycles and a plan after them", feed=True)
+    holds = [t for t in robot.controller if is_hold(t)]
     assert holds, "no hold was published"
-    np.testing.assert_allclose(_positions(holds[0])[0], h.state, atol=1e-9)
+    np.testing.assert_allclose(positions(holds[0])[0], robot.state, atol=1e-9)
     # Warnings (bad images) and errors (the model) from the same node: logging never kills it.
     for _ in range(5):
-        h.publish(image=h.image(encoding="16UC1"), joints=False, text=None)
-    assert h.run_until(lambda: int(h.values().get("rejected.unsupported_encoding", 0)) > 0, 10)
-    count = len(h.controller)
-    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
-    values = h.values()
-    assert int(values["rejected.inference_error"]) == 2
-    assert "model exploded" in values["last_error"] or "again" in values["last_error"]
-    assert values["worker_alive"] == "True" and values["worker_restarts"] == "0"
-    assert int(values["holds_total"]) >= 2
+        robot.publish(image=robot.image(encoding="16UC1"), joints=None, text=None)
+    robot.spin_until(lambda: _rejected(robot, "unsupported_encoding") > 0, 10,
+                     "the bad images counted")
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 20, "plans again", feed=True)
+    values = robot.values()
+    assert _rejected(robot, "inference_error") == 2
+    assert "model exploded" in values[keys.LAST_ERROR] or "again" in values[keys.LAST_ERROR]
+    assert values[keys.WORKER_ALIVE] == "True" and values[keys.WORKER_RESTARTS] == "0"
+    assert int(values[keys.HOLDS_TOTAL]) >= 2
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_the_watchdog_restarts_a_worker_that_died_and_reports_an_error(harness_factory,
-                                                                        gr1_runtime):
-    runtime = FaultyRuntime(gr1_runtime, {2: WorkerKilled()})
-    h = harness_factory(runtime)
-    assert h.run_until(lambda: h.values().get("worker_restarts") == "1", 60)
-    values = h.values()
+def test_the_watchdog_restarts_a_worker_that_died_and_reports_an_error(robot, gr1_runtime):
     from diagnostic_msgs.msg import DiagnosticStatus
 
-    assert values["_level"] == DiagnosticStatus.ERROR
-    assert "restarted" in values["_message"]
-    count = len(h.controller)
-    assert h.run_until(lambda: len(h.controller) >= count + 3, 30), "no plans after restart"
-    assert h.policy._worker.is_alive()
+    runtime = FaultyRuntime(gr1_runtime, lambda call, _: WorkerKilled() if call == 2 else None)
+    policy = in_process_policy_node(robot, runtime)
+    robot.spin_until(lambda: robot.values().get(keys.WORKER_RESTARTS) == "1", 60,
+                     "the worker's restart reported", feed=True)
+    assert robot.values().level == DiagnosticStatus.ERROR
+    assert "restarted" in robot.values().message
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) >= count + 3, 30, "plans after the restart",
+                     feed=True)
+    assert policy._worker.is_alive()
 
 
-def test_joint_states_far_outside_the_limits_are_refused_and_never_commanded(harness_factory,
+def test_joint_states_far_outside_the_limits_are_refused_and_never_commanded(robot,
                                                                             gr1_runtime):
-    h = harness_factory(gr1_runtime)
-    assert h.run_until(lambda: h.controller, 60)
-    huge = h.state.copy()
+    in_process_policy_node(robot, gr1_runtime)
+    robot.spin_until(lambda: robot.controller, 60, "the first trajectory", feed=True)
+    huge = robot.state.copy()
     huge[3] = 1e30
-    h.controller.clear()
-    h.run_until(lambda: False, 1.5, joints=huge)
-    assert int(h.values().get("rejected.joint_out_of_range", 0)) > 0
-    for trajectory in h.controller:
-        positions = _positions(trajectory)
-        assert np.all(positions >= GR1.lower - 1e-9) and np.all(positions <= GR1.upper + 1e-9)
+    robot.controller.clear()
+    robot.spin_until(lambda: _rejected(robot, "joint_out_of_range") > 0, 10,
+                     "the huge joint state refused", feed=dict(joints=huge))
+    for trajectory in robot.controller:
+        points = positions(trajectory)
+        assert np.all(points >= GR1.lower - 1e-9) and np.all(points <= GR1.upper + 1e-9)
     # Slightly outside (less than one step): clipped into the limits and still usable.
-    edge = h.state.copy()
+    edge = robot.state.copy()
     edge[1] = GR1.lower[1] - 0.5 * GR1.max_step[1]
-    h.controller.clear()
-    assert h.run_until(lambda: len(h.controller) >= 2, 20, joints=edge)
-    for trajectory in h.controller:
-        positions = _positions(trajectory)
-        assert np.all(positions >= GR1.lower - 1e-9) and np.all(positions <= GR1.upper + 1e-9)
-        assert np.all(np.abs(positions[0] - np.clip(edge, GR1.lower, GR1.upper))
+    robot.controller.clear()
+    robot.spin_until(lambda: len(robot.controller) >= 2, 20, "plans from the edge",
+                     feed=dict(joints=edge))
+    for trajectory in robot.controller:
+        points = positions(trajectory)
+        assert np.all(points >= GR1.lower - 1e-9) and np.all(points <= GR1.upper + 1e-9)
+        assert np.all(np.abs(points[0] - np.clip(edge, GR1.lower, GR1.upper))
                       <= GR1.max_step + 1e-9)
 
 
-def test_the_first_point_is_within_one_step_of_where_the_robot_is(harness_factory, gr1_runtime):
-    h = harness_factory(gr1_runtime)
-    assert h.run_until(lambda: len(h.controller) >= 2, 60)
+def test_the_first_point_is_within_one_step_of_where_the_robot_is(robot, gr1_runtime):
+    in_process_policy_node(robot, gr1_runtime)
+    robot.spin_until(lambda: len(robot.controller) >= 2, 60, "two trajectories", feed=True)
     # Pushed by hand far from the commanded plan: five steps on every joint, within limits.
-    h.state = np.clip(h.state - 5 * GR1.max_step, GR1.lower, GR1.upper)
-    h.controller.clear()
-    assert h.run_until(lambda: len(h.controller) >= 3, 30)
-    for trajectory in h.controller[1:]:
-        positions = _positions(trajectory)
-        assert np.all(np.abs(positions[0] - h.state) <= GR1.max_step + 1e-9)
-        assert np.all(np.abs(np.diff(positions, axis=0)) <= GR1.max_step + 1e-9)
+    robot.state = np.clip(robot.state - 5 * GR1.max_step, GR1.lower, GR1.upper)
+    robot.controller.clear()
+    robot.spin_until(lambda: len(robot.controller) >= 3, 30, "three trajectories", feed=True)
+    for trajectory in robot.controller[1:]:  # the first may come from a snapshot before
+        points = positions(trajectory)
+        assert np.all(np.abs(points[0] - robot.state) <= GR1.max_step + 1e-9)
+        assert np.all(np.abs(np.diff(points, axis=0)) <= GR1.max_step + 1e-9)
 
 
-def test_hold_and_resume_services_and_actuation_switched_at_run_time(harness_factory,
-                                                                      gr1_runtime):
+def test_hold_and_resume_services_and_actuation_switched_at_run_time(robot, gr1_runtime):
     from rclpy.parameter import Parameter
     from std_srvs.srv import Trigger
 
-    h = harness_factory(gr1_runtime)
-    assert h.run_until(lambda: len(h.controller) >= 2, 60)
-    hold = h.node.create_client(Trigger, "/policy_node/hold")
-    resume = h.node.create_client(Trigger, "/policy_node/resume")
-    assert hold.wait_for_service(timeout_sec=10)
+    policy = in_process_policy_node(robot, gr1_runtime)
+    robot.spin_until(lambda: len(robot.controller) >= 2, 60, "two trajectories", feed=True)
+    hold = robot.node.create_client(Trigger, "/policy_node/hold")
+    resume = robot.node.create_client(Trigger, "/policy_node/resume")
+    robot.spin_until(hold.service_is_ready, 10, "the hold service")
     future = hold.call_async(Trigger.Request())
-    assert h.run_until(future.done, 10)
+    robot.spin_until(future.done, 10, "the hold service's reply", feed=True)
     assert future.result().success
-    time.sleep(0.5)  # a cycle in flight when the hold came is discarded
-    count = len(h.controller)
-    held = h.controller[-1]
-    assert len(held.points) == 1
-    h.run_until(lambda: False, 2.0)
-    assert len(h.controller) == count, "planned while held"
-    assert h.values()["operator_hold"] == "True"
+    # The hold is the last thing sent: a cycle in flight when it came is discarded.
+    robot.spin_until(lambda: is_hold(robot.controller[-1]), 10, "the hold", feed=True)
+    count = len(robot.controller)
+    robot.spin_for(2.0, feed=True)
+    assert len(robot.controller) == count, "planned while held"
+    robot.spin_until(lambda: robot.values().get(keys.OPERATOR_HOLD) == "True", 10,
+                     "the operator hold in the diagnostics", feed=True)
     future = resume.call_async(Trigger.Request())
-    assert h.run_until(future.done, 10) and future.result().success
-    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
+    robot.spin_until(future.done, 10, "the resume service's reply", feed=True)
+    assert future.result().success
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 20, "plans after resume",
+                     feed=True)
 
     # Actuation off at run time: a hold goes to the controller, then plans to the dry run.
-    count = len(h.controller)
-    h.policy.set_parameters([Parameter("enable_actuation", value=False)])
-    assert h.run_until(lambda: len(h.dry_run) >= 2, 20)
-    h.run_until(lambda: False, 1.0)
-    after = h.controller[count:]
+    count = len(robot.controller)
+    policy.set_parameters([Parameter("enable_actuation", value=False)])
+    robot.spin_until(lambda: len(robot.dry_run) >= 2, 20, "dry-run plans", feed=True)
+    robot.spin_until(lambda: len(robot.controller) > count and is_hold(robot.controller[-1]),
+                     10, "the hold on the controller", feed=True)
+    after = robot.controller[count:]
     # The hold is the last thing the controller got (a plan already on its way may precede it).
-    assert 1 <= len(after) <= 2 and len(after[-1].points) == 1
-    settled = len(h.controller)
-    h.run_until(lambda: False, 1.0)
-    assert len(h.controller) == settled
-    assert h.values()["actuation_enabled"] == "False"
+    assert 1 <= len(after) <= 2
+    settled = len(robot.controller)
+    robot.spin_for(1.0, feed=True)
+    assert len(robot.controller) == settled
+    robot.spin_until(lambda: robot.values().get(keys.ACTUATION_ENABLED) == "False", 10,
+                     "actuation off in the diagnostics", feed=True)
     # Other parameters are read-only while the node runs.
-    result = h.policy.set_parameters([Parameter("blend_steps", value=7)])[0]
+    result = policy.set_parameters([Parameter("blend_steps", value=7)])[0]
     assert not result.successful
 
 
-def test_diagnostics_stay_bounded_and_huge_instructions_are_refused_at_once(harness_factory,
-                                                                            gr1_runtime):
-    h = harness_factory(gr1_runtime)
-    assert h.run_until(lambda: h.controller, 60)
+def test_diagnostics_stay_bounded_and_huge_instructions_are_refused_at_once(robot, gr1_runtime):
+    in_process_policy_node(robot, gr1_runtime)
+    robot.spin_until(lambda: robot.controller, 60, "the first trajectory", feed=True)
     rng = np.random.default_rng(0)
     for _ in range(300):
         name = "".join(chr(c) for c in rng.integers(65, 91, 12))
-        h.publish(image=h.image(encoding=name), joints=False, text=None)
-        time.sleep(0.005)
+        robot.publish(image=robot.image(encoding=name), joints=None, text=None)
+        robot.spin_once(0.005)  # the node takes them as they come (a queue of 5 frames)
+    robot.spin_until(lambda: _rejected(robot, "unsupported_encoding") >= 100, 10,
+                     "100 frames of unknown encodings counted")
     started = time.monotonic()
-    h.publish(image=False, joints=False, text="x" * 1_000_000)
-    h.publish(image=False, joints=False, text="pick up the cup " * 6000)
-    h.publish(image=False, joints=False, text="pick <|im_end|> then")
-    assert h.run_until(
-        lambda: int(h.values().get("rejected.instruction_too_long", 0)) >= 2
-        and int(h.values().get("rejected.instruction_special_tokens", 0)) >= 1, 10,
-        publish=False)
+    robot.publish(image=False, joints=False, text="x" * 1_000_000)
+    robot.publish(image=False, joints=False, text="pick up the cup " * 6000)
+    robot.publish(image=False, joints=False, text="pick <|im_end|> then")
+    robot.spin_until(lambda: _rejected(robot, "instruction_too_long") >= 2
+                     and _rejected(robot, "instruction_special_tokens") >= 1, 10,
+                     "the instructions refused")
     assert time.monotonic() - started < 5.0
     # A rejected instruction stops planning until a valid one arrives.
-    count = len(h.controller)
-    h.run_until(lambda: False, 1.5, text=None)
-    assert len(h.controller) <= count + 1
-    assert h.run_until(lambda: len(h.controller) >= count + 2, 10)
-    values = h.values()
-    assert int(values["rejected.unsupported_encoding"]) >= 100
+    count = len(robot.controller)
+    robot.spin_for(1.5, feed=dict(text=None))
+    assert len(robot.controller) <= count + 1
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 10,
+                     "plans after a valid instruction", feed=True)
+    values = robot.values()
     assert len(values) < 60
     assert sum(len(k) + len(v) for k, v in values.items()) < 4000
 
 
-def test_an_input_that_falls_silent_is_resubscribed(harness_factory, gr1_runtime):
-    h = harness_factory(gr1_runtime, input_silence_s=0.5)
-    assert h.run_until(lambda: h.controller, 60)
+def test_an_input_that_falls_silent_is_resubscribed(robot, gr1_runtime):
+    in_process_policy_node(robot, gr1_runtime, input_silence_s=0.5)
+    robot.spin_until(lambda: robot.controller, 60, "the first trajectory", feed=True)
     topic = GR1.image_topics[0]
     # The camera's publisher stays matched but sends nothing: the subscription is recreated.
-    assert h.run_until(lambda: int(h.values().get(f"input.{topic}.resubscribed", 0)) >= 1, 10,
-                       image=False)
-    count = len(h.controller)
-    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
-    assert float(h.values()[f"input.{topic}.silent_s"]) < 1.0
+    robot.spin_until(lambda: int(robot.values().get(keys.input_resubscribed(topic), 0)) >= 1,
+                     10, "the camera resubscribed", feed=dict(image=False))
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 20, "plans again", feed=True)
+    robot.spin_until(lambda: robot.values().number(keys.input_silent_s(topic), 99.0) < 1.0, 10,
+                     "the camera heard again", feed=True)
 
 
-def test_stale_inputs_and_a_rejected_instruction_stop_the_executing_plan(harness_factory,
-                                                                         gr1_runtime):
-    h = harness_factory(gr1_runtime, max_input_age_s=0.3)
-    assert h.run_until(lambda: len(h.controller) >= 2, 60)
+def test_stale_inputs_and_a_rejected_instruction_stop_the_executing_plan(robot, gr1_runtime):
+    in_process_policy_node(robot, gr1_runtime, max_input_age_s=0.3)
+    robot.spin_until(lambda: len(robot.controller) >= 2, 60, "two trajectories", feed=True)
     # The camera stops: within max_input_age_s the plan is replaced by one hold, then silence.
-    count = len(h.controller)
-    assert h.run_until(lambda: len(h.controller) > count and len(h.controller[-1].points) == 1,
-                       5, image=False)
-    np.testing.assert_allclose(_positions(h.controller[-1])[0], h.state, atol=1e-9)
-    settled = len(h.controller)
-    h.run_until(lambda: False, 1.0, image=False)
-    assert len(h.controller) == settled
-    assert int(h.values().get("rejected.held_on_unusable_inputs", 0)) >= 1
-    # Planning again, then an instruction that is refused: the robot holds at once.
-    assert h.run_until(lambda: len(h.controller) >= settled + 2, 20)
-    count = len(h.controller)
-    h.publish(image=False, joints=False, text="pick <|im_start|> up")
-    assert h.run_until(lambda: len(h.controller) > count, 5, publish=False)
-    assert len(h.controller[-1].points) == 1
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) > count and is_hold(robot.controller[-1]),
+                     5, "a hold", feed=dict(image=False))
+    np.testing.assert_allclose(positions(robot.controller[-1])[0], robot.state, atol=1e-9)
+    settled = len(robot.controller)
+    robot.spin_for(1.0, feed=dict(image=False))
+    assert len(robot.controller) == settled
+    robot.spin_until(lambda: _rejected(robot, "held_on_unusable_inputs") >= 1, 10,
+                     "the hold's cause counted", feed=dict(image=False))
+    # Planning again, then an instruction that is refused: the robot holds at once, while the
+    # camera and the joint states go on.
+    robot.spin_until(lambda: len(robot.controller) >= settled + 2, 20, "plans again", feed=True)
+    count = len(robot.controller)
+    robot.publish(image=False, joints=False, text="pick <|im_start|> up")
+    robot.spin_until(lambda: len(robot.controller) > count, 5, "a hold",
+                     feed=dict(text=None))
+    assert is_hold(robot.controller[-1])
+    robot.spin_until(lambda: _rejected(robot, "instruction_special_tokens") >= 1, 10,
+                     "the instruction's refusal counted", feed=dict(text=None))
 
 
-def test_a_hung_cycle_is_reported_and_the_robot_holds(harness_factory, gr1_runtime):
+def test_a_hung_cycle_is_reported_and_the_robot_holds(robot, gr1_runtime):
+    from diagnostic_msgs.msg import DiagnosticStatus
+
     class Hangs:
+        """The real runtime, whose third call does not return until released."""
+
         def __init__(self, runtime):
             self.runtime, self.calls, self.identity = runtime, 0, runtime.identity
+            self.release = threading.Event()
 
         def check_instruction(self, text, max_tokens):
             return self.runtime.check_instruction(text, max_tokens)
@@ -360,50 +284,54 @@ def test_a_hung_cycle_is_reported_and_the_robot_holds(harness_factory, gr1_runti
         def infer(self, observation):
             self.calls += 1
             if self.calls == 3:
-                time.sleep(4.0)  # a device call that does not return for a while
+                self.release.wait(timeout=120)  # a device call that hangs (not a wait of ours)
             return self.runtime.infer(observation)
 
-    h = harness_factory(Hangs(gr1_runtime), stall_timeout_s=1.5)
-    assert h.run_until(lambda: len(h.controller) >= 2, 60)
-    from diagnostic_msgs.msg import DiagnosticStatus
-
-    assert h.run_until(lambda: "stalled" in h.values().get("_message", ""), 10)
-    assert h.values()["_level"] == DiagnosticStatus.ERROR
-    assert len(h.controller[-1].points) == 1  # the hold
+    runtime = Hangs(gr1_runtime)
+    in_process_policy_node(robot, runtime, stall_timeout_s=1.5)
+    try:
+        robot.spin_until(lambda: len(robot.controller) >= 2, 60, "two trajectories", feed=True)
+        robot.spin_until(lambda: "stalled" in robot.values().message, 30, "a stall reported",
+                         feed=True)
+        assert robot.values().level == DiagnosticStatus.ERROR
+        robot.spin_until(lambda: is_hold(robot.controller[-1]), 10, "the hold", feed=True)
+    finally:
+        runtime.release.set()
     # The late chunk of the hung cycle is discarded; planning resumes and the error clears.
-    assert h.run_until(lambda: "stalled" not in h.values().get("_message", ""), 15)
-    count = len(h.controller)
-    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
-    assert int(h.values().get("rejected.discarded_after_hold", 0)) >= 1
+    robot.spin_until(lambda: "stalled" not in robot.values().message, 15, "the stall cleared",
+                     feed=True)
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 20, "plans again", feed=True)
+    robot.spin_until(lambda: _rejected(robot, "discarded_after_hold") >= 1, 10,
+                     "the late chunk discarded", feed=True)
 
 
-def test_callbacks_never_raise_and_causes_stay_bounded(harness_factory, gr1_runtime):
+def test_callbacks_never_raise_and_causes_stay_bounded(robot, gr1_runtime):
     from twinbrain_ros.ros.policy_node import MAX_CAUSES
 
-    h = harness_factory(gr1_runtime)
-    assert h.run_until(lambda: h.controller, 60)
-    h.policy._on_image("/camera/image_raw", object())  # not an Image at all
-    assert h.policy.rejected["callback_error"] == 1
+    policy = in_process_policy_node(robot, gr1_runtime)
+    robot.spin_until(lambda: robot.controller, 60, "the first trajectory", feed=True)
+    policy._on_image("/camera/image_raw", object())  # not an Image at all
+    assert policy.rejected["callback_error"] == 1
     for k in range(3 * MAX_CAUSES):
-        h.policy._reject(f"synthetic_{k}", "a made-up cause")
-    assert len(h.policy.rejected) <= MAX_CAUSES + 1 and h.policy.rejected["other"] > 0
-    assert h.run_until(lambda: len(h.values()) > 0 and sum(
-        1 for key in h.values() if key.startswith("rejected.")) <= MAX_CAUSES + 1, 5)
-    count = len(h.controller)
-    assert h.run_until(lambda: len(h.controller) >= count + 2, 20)
+        policy._reject(f"synthetic_{k}", "a made-up cause")
+    assert len(policy.rejected) <= MAX_CAUSES + 1 and policy.rejected["other"] > 0
+    robot.spin_until(lambda: keys.rejected("other") in robot.values(), 5, "the causes reported")
+    assert sum(1 for key in robot.values() if key.startswith("rejected.")) <= MAX_CAUSES + 1
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 20, "plans", feed=True)
 
 
-def test_parameters_carry_types_ranges_descriptions_and_read_only_flags(harness_factory,
-                                                                        gr1_runtime):
+def test_parameters_carry_types_ranges_descriptions_and_read_only_flags(robot, gr1_runtime):
     from rclpy.parameter import Parameter
 
-    h = harness_factory(gr1_runtime)
-    blend, joints, actuation = h.policy.describe_parameters(
+    policy = in_process_policy_node(robot, gr1_runtime)
+    blend, joints, actuation = policy.describe_parameters(
         ["blend_steps", "joint_names", "enable_actuation"])
     assert blend.read_only and blend.integer_range[0].to_value == 64
     assert joints.read_only and "model order" in joints.description
     assert not actuation.read_only
-    result = h.policy.set_parameters([Parameter("enable_actuation", value="yes")])[0]
+    result = policy.set_parameters([Parameter("enable_actuation", value="yes")])[0]
     assert not result.successful
 
 
@@ -423,8 +351,8 @@ def test_an_out_of_range_parameter_is_refused_at_start(ros_env, tmp_path, tiny_b
     assert "actions_per_inference" in text and "Traceback" not in text
 
 
-def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(harness_factory,
-                                                                         gr1_runtime, tmp_path):
+def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(robot, gr1_runtime,
+                                                                         tmp_path):
     pytest.importorskip("rerun", reason="recordings need rerun-sdk")
     from rerun.chunk import RrdReader
 
@@ -445,30 +373,34 @@ def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(harness
     record = tmp_path / "recordings"
     runtime = PrefixLog(gr1_runtime)
     # Replanning every 4 of the 8 actions leaves an overlap to inpaint.
-    h = harness_factory(runtime, chunk_transition="rtc", inference_delay_s=0.2,
-                        actions_per_inference=4, record_path=str(record))
+    policy = in_process_policy_node(robot, runtime, chunk_transition="rtc",
+                                    inference_delay_s=0.2, actions_per_inference=4,
+                                    record_path=str(record))
 
     def following():
         # The robot follows its commands: where the newest trajectory starts.
-        if h.controller:
-            h.state = np.array(h.controller[-1].points[0].positions)
+        if robot.controller:
+            robot.state = np.array(robot.controller[-1].points[0].positions)
         return sum(p is not None for p in runtime.prefixes) >= 2
 
-    assert h.run_until(following, 60)
+    robot.spin_until(following, 60, "two chunks with a prefix", feed=True)
     guided = [p for p in runtime.prefixes if p is not None]
     # 0.2 s of delay at 20 Hz: at least four actions execute while the model runs, all of the
     # overlap when it is shorter.
     assert all(p.frozen >= min(4, len(p.actions)) and p.frozen >= 1 for p in guided)
-    assert h.run_until(lambda: "rtc_expected_latency_s" in h.values(), 10)
-    cycles = list(h.policy.cycles)
+    robot.spin_until(lambda: keys.RTC_EXPECTED_LATENCY_S in robot.values(), 10,
+                     "the expected latency reported", feed=True)
+    cycles = list(policy.cycles)
     assert cycles and all(c["published"] - c["started"] >= 0.2 for c in cycles)
-    values = h.values()
-    assert values["chunk_transition"] == "rtc"
-    assert float(values["rtc_expected_latency_s"]) >= 0.2
-    assert "plan_left_total" in values
+    values = robot.values()
+    assert values[keys.CHUNK_TRANSITION] == "rtc"
+    assert values.number(keys.RTC_EXPECTED_LATENCY_S) >= 0.2
+    assert keys.PLAN_LEFT_TOTAL in values
     # A new instruction starts a new recording.
-    assert h.run_until(lambda: len(h.controller) >= 5, 30, text="put the cup down")
-    h.close()
+    count = len(robot.controller)
+    robot.spin_until(lambda: len(robot.controller) >= count + 2, 30,
+                     "plans for the new instruction", feed=dict(text="put the cup down"))
+    robot.remove_node(policy)  # closes the recording
     files = sorted(record.glob("*.rrd"))
     assert [f.name[:5] for f in files] == ["0001_", "0002_"]
     assert "pick_up_the_red_cup" in files[0].name and "put_the_cup_down" in files[1].name

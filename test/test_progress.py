@@ -20,7 +20,7 @@ def _run(out, steps: int = 2000, interval_s: float = 0.05):
         bar.update(1)
         bar.set_postfix(loss=f"{1.0 / (k + 1):.4f}", refresh=False)
         if k % 100 == 0:
-            time.sleep(0.01)
+            time.sleep(0.01)  # work between steps (the bar reports on the wall clock), no sync
     bar.close()
     return out.getvalue(), time.monotonic() - started
 

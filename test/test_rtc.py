@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import build_model, camera_frame
+from helpers import build_model, camera_frame
 
 from twinbrain_ros.model.normalization import EmbodimentNormStats, NormStats
 from twinbrain_ros.model.rtc import ChunkPrefix
@@ -253,7 +253,7 @@ def test_evaluate_delays_inference_records_each_episode_and_reports_motion(tiny_
                                                                            tmp_path, capsys):
     pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
     pytest.importorskip("rerun", reason="recordings need rerun-sdk")
-    from conftest import save_policy_checkpoint
+    from helpers import save_policy_checkpoint
     from rerun.chunk import RrdReader
 
     from twinbrain_ros.ros.evaluate import main

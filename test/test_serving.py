@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_policy_checkpoint, stop_process_group
+from helpers import observation, save_policy_checkpoint
+from ros_harness import RobotSide, ServerProcess, policy_node_process, positions, wait_until
 
-from twinbrain_ros.robot.embodiment import Embodiment, config_dir
+from twinbrain_ros.robot.embodiment import Embodiment
 from twinbrain_ros.robot.observation import Observation
+from twinbrain_ros.ros import diagnostic_keys as keys
 from twinbrain_ros.serving.protocol import (
     ProtocolError,
     decode_image,
@@ -66,55 +63,12 @@ def test_messages_carry_arrays_as_typed_bytes_and_refuse_everything_else():
 # -- a server in a process -----------------------------------------------------------------
 
 
-class ServerProcess:
-    """`python -m twinbrain_ros.serving.server` on a free (or given) loopback port."""
-
-    def __init__(self, checkpoint: Path, log: Path, port: int = 0, *extra: str):
-        self.log = log
-        seen = self._ready_lines() if log.exists() else []
-        self.handle = open(log, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twinbrain_ros.serving.server", "--checkpoint",
-             str(checkpoint), "--device", "cpu", "--port", str(port), *extra],
-            stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        self.port = None
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            lines = self._ready_lines()
-            if len(lines) > len(seen):
-                self.port = int(lines[-1].split("ws://127.0.0.1:")[1].split()[0])
-                break
-            time.sleep(0.1)
-        assert self.port is not None, log.read_text()
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _ready_lines(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if "policy server on" in line]
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.handle.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            stop_process_group(self.proc, timeout=20)
-        self.handle.close()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tiny_backbones, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     return {name: save_policy_checkpoint(tiny_backbones["qwen2_5_vl"], root / name,
                                          Embodiment.load(name))
             for name in ("widowx", "gr1")}
-
-
-def _observation(embodiment, k=0):
-    image = np.random.default_rng(k).integers(0, 256, (56, 56, 3), dtype=np.uint8)
-    state = np.clip(0.1 * np.sin(np.arange(embodiment.state_dim) + k), embodiment.lower,
-                    embodiment.upper)
-    return Observation(images=[image], state=state, instruction="pick up the red cube")
 
 
 def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_served(
@@ -134,7 +88,7 @@ def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_serv
 
         def keep_asking():
             while not stop.is_set():
-                served.append(good.infer(_observation(GR1)).actions)
+                served.append(good.infer(observation(GR1)).actions)
 
         worker = threading.Thread(target=keep_asking)
         worker.start()
@@ -151,7 +105,7 @@ def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_serv
                 def infer(message_id, **changes):
                     """A valid GR1 infer frame with `changes` made to it."""
                     return pack({"type": "infer", "id": message_id, "embodiment": "gr1",
-                                 "images": [encode_image(_observation(GR1).images[0], "png")],
+                                 "images": [encode_image(observation(GR1).images[0], "png")],
                                  "image_format": "png", "state": np.zeros(29),
                                  "instruction": "go", "seed": 0, **changes})
 
@@ -175,8 +129,8 @@ def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_serv
                                "special tokens": "instruction_special_tokens",
                                "bad prefix": "bad_prefix"}
             before = len(served)
-            time.sleep(1.0)
-            assert len(served) > before, "the good client stopped being served"
+            wait_until(lambda: len(served) > before, 30, "the good client to be served again",
+                       show=lambda: len(served))
         finally:
             stop.set()
             worker.join(timeout=30)
@@ -189,6 +143,7 @@ def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_serv
         server.stop()
 
 
+@pytest.mark.serial  # four requests within the 200 ms batching window
 def test_concurrent_robots_are_batched_and_each_gets_its_own_chunk(checkpoints):
     from twinbrain_ros.model.rtc import ChunkPrefix
     from twinbrain_ros.serving.client import RemoteRuntime
@@ -203,7 +158,7 @@ def test_concurrent_robots_are_batched_and_each_gets_its_own_chunk(checkpoints):
     address = f"127.0.0.1:{server.bound_port}"
     try:
         robots = [RemoteRuntime(address, GR1, seed=10 + k, image_format="png") for k in range(4)]
-        observations = [_observation(GR1, k) for k in range(4)]
+        observations = [observation(GR1, k) for k in range(4)]
         # Robots 1 and 3 use real-time chunking: their previous plan travels with the request.
         prefixes = [None, ChunkPrefix(np.tile(observations[1].state, (3, 1)), 2), None,
                     ChunkPrefix(np.tile(observations[3].state, (5, 1)), 1, "linear")]
@@ -234,95 +189,11 @@ def test_concurrent_robots_are_batched_and_each_gets_its_own_chunk(checkpoints):
 # -- the policy node as a client -------------------------------------------------------------
 
 
-class Node:
-    """The policy node in its own process (WidowX params file), dry run unless actuated."""
-
-    def __init__(self, log: Path, env=None, **params):
-        self.log = log
-        args = [sys.executable, "-m", "twinbrain_ros.ros.policy_node", "--ros-args",
-                "--params-file", str(config_dir() / "widowx.yaml"), "-p", "device:=cpu",
-                "-p", "max_input_age_s:=2.0", "-p", "diagnostics_period_s:=0.5"]
-        for key, value in params.items():
-            args += ["-p", f"{key}:={value}"]
-        self.handle = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env or dict(os.environ))
-
-    def stop(self) -> int:
-        code = stop_process_group(self.proc, timeout=20)
-        self.handle.close()
-        return code
-
-
-class Robot:
-    """Camera, joint states and instruction of a WidowX; records what comes back."""
-
-    def __init__(self):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from trajectory_msgs.msg import JointTrajectory
-
-        from twinbrain_ros.ros.conversions import rgb_to_image
-
-        self.rclpy, self.rgb_to_image = rclpy, rgb_to_image
-        rclpy.init()
-        self.node = rclpy.create_node("serving_robot")
-        self.arm, self.dry_run, self.diagnostics = [], [], []
-        self.node.create_subscription(JointTrajectory, WIDOWX.trajectory_topic,
-                                      self.arm.append, 20)
-        self.node.create_subscription(JointTrajectory, WIDOWX.dry_run_topic,
-                                      self.dry_run.append, 20)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics",
-                                      self.diagnostics.append, 20)
-        from sensor_msgs.msg import Image, JointState
-        from std_msgs.msg import String
-
-        self.JointState, self.String = JointState, String
-        self.image_pub = self.node.create_publisher(Image, WIDOWX.image_topics[0], 10)
-        self.joint_pub = self.node.create_publisher(JointState, WIDOWX.joint_state_topic, 10)
-        self.text_pub = self.node.create_publisher(String, WIDOWX.instruction_topic, 10)
-        self.observation = _observation(WIDOWX)
-        self.observation.state = np.array([0.0, 0.1, -0.2, 0.0, 0.4, 0.0, 0.03])
-
-    def publish(self):
-        stamp = self.node.get_clock().now().to_msg()
-        self.image_pub.publish(self.rgb_to_image(self.observation.images[0], stamp=stamp))
-        joints = self.JointState(name=list(WIDOWX.joint_names),
-                                 position=[float(v) for v in self.observation.state])
-        joints.header.stamp = stamp
-        self.joint_pub.publish(joints)
-        self.text_pub.publish(self.String(data=self.observation.instruction))
-
-    def spin_until(self, condition, timeout, node=None):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not condition():
-            if node is not None and node.proc.poll() is not None:
-                break
-            self.publish()
-            self.rclpy.spin_once(self.node, timeout_sec=0.05)
-        return condition()
-
-    def values(self):
-        for array in reversed(self.diagnostics):
-            for status in array.status:
-                if status.name == "twinbrain_ros: policy_node":
-                    return {kv.key: kv.value for kv in status.values}
-        return {}
-
-    def close(self):
-        self.node.destroy_node()
-        self.rclpy.shutdown()
-
-
 @pytest.fixture
 def robot(ros_env):
-    side = Robot()
+    side = RobotSide("widowx")
     yield side
     side.close()
-
-
-def _positions(trajectory):
-    return np.array([p.positions for p in trajectory.points])
 
 
 @pytest.mark.ros
@@ -334,38 +205,35 @@ def test_a_torch_free_client_node_plans_like_the_local_node(robot, checkpoints, 
     (fake / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(fake.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    server = ServerProcess(checkpoints["widowx"], tmp_path / "server.log")
-    local = remote = None
-    try:
-        remote = Node(tmp_path / "remote.log", env=env, server=server.address,
-                      image_transport="png", seed=0)
-        assert robot.spin_until(lambda: robot.dry_run, 120, remote), \
-            (tmp_path / "remote.log").read_text()
-        first_remote = robot.dry_run[0]
-        assert robot.spin_until(lambda: "model.link" in robot.values(), 10)
-        values = robot.values()
-        assert values["model.link"] == "connected" and float(values["model.rtt_median_ms"]) > 0
-        assert values["model.server"] == server.address
-        remote.stop()
+    with robot.watch(ServerProcess(checkpoints["widowx"], tmp_path / "server.log")) as server:
+        with robot.watch(policy_node_process(tmp_path / "remote.log", "widowx", env=env,
+                                             server=server.address, image_transport="png",
+                                             seed=0)) as remote:
+            robot.spin_until(lambda: robot.dry_run, 120, "the client node's first plan",
+                             feed=True)
+            first_remote = robot.dry_run[0]
+            # Diagnostics sent after the first round trip (earlier ones have no round trip).
+            robot.spin_until(lambda: keys.MODEL_RTT_MEDIAN_MS in robot.values(), 10,
+                             "the round-trip time in the diagnostics")
+            values = robot.values()
+            assert values[keys.MODEL_LINK] == "connected"
+            assert values.number(keys.MODEL_RTT_MEDIAN_MS) > 0
+            assert values[keys.MODEL_SERVER] == server.address
+        assert "Traceback" not in remote.text()
         robot.dry_run.clear()
-        local = Node(tmp_path / "local.log", checkpoint=checkpoints["widowx"], seed=0)
-        assert robot.spin_until(lambda: robot.dry_run, 120, local), \
-            (tmp_path / "local.log").read_text()
-        first_local = robot.dry_run[0]
-        assert list(first_remote.joint_names) == list(first_local.joint_names)
-        # The same chunk (same observation, same seed). Points whose time passed during the
-        # round trip are dropped, and the first kept points are limited to one step from the
-        # measured position (and from each other) over the time left to them, which depends
-        # on the timing of each run: the last four points (half the chunk) are the chunk's own.
-        remote_points, local_points = _positions(first_remote), _positions(first_local)
-        assert min(len(remote_points), len(local_points)) >= 6
-        np.testing.assert_allclose(remote_points[-4:], local_points[-4:], atol=1e-6)
-    finally:
-        for node in (local, remote):
-            if node is not None:
-                node.stop()
-        server.stop()
-    assert "Traceback" not in (tmp_path / "remote.log").read_text()
+        with robot.watch(policy_node_process(tmp_path / "local.log", "widowx", seed=0,
+                                             checkpoint=checkpoints["widowx"])):
+            robot.spin_until(lambda: robot.dry_run, 120, "the local node's first plan",
+                             feed=True)
+            first_local = robot.dry_run[0]
+    assert list(first_remote.joint_names) == list(first_local.joint_names)
+    # The same chunk (same observation, same seed). Points whose time passed during the
+    # round trip are dropped, and the first kept points are limited to one step from the
+    # measured position (and from each other) over the time left to them, which depends
+    # on the timing of each run: the last four points (half the chunk) are the chunk's own.
+    remote_points, local_points = positions(first_remote), positions(first_local)
+    assert min(len(remote_points), len(local_points)) >= 6
+    np.testing.assert_allclose(remote_points[-4:], local_points[-4:], atol=1e-6)
 
 
 @pytest.mark.ros
@@ -374,29 +242,31 @@ def test_a_killed_server_makes_the_node_hold_and_a_restarted_one_resumes(robot, 
                                                                         tmp_path):
     server = ServerProcess(checkpoints["widowx"], tmp_path / "server.log")
     port = server.port
-    node = Node(tmp_path / "node.log", server=server.address, enable_actuation="true",
-                server_timeout_s=1.0)
+    node = robot.watch(policy_node_process(tmp_path / "node.log", "widowx",
+                                           server=server.address, enable_actuation="true",
+                                           server_timeout_s=1.0))
     try:
-        assert robot.spin_until(lambda: len(robot.arm) >= 2, 120, node), \
-            (tmp_path / "node.log").read_text()
+        robot.spin_until(lambda: len(robot.controller) >= 2, 120, "two trajectories", feed=True)
         server.kill()
-        count = len(robot.arm)
-        assert robot.spin_until(lambda: len(robot.arm) > count
-                                and len(robot.arm[-1].points) == 1, 20, node)
-        np.testing.assert_allclose(_positions(robot.arm[-1])[0], robot.observation.state[:6],
+        count = len(robot.controller)
+        robot.spin_until(lambda: len(robot.controller) > count
+                         and len(robot.controller[-1].points) == 1, 20, "a hold", feed=True)
+        np.testing.assert_allclose(positions(robot.controller[-1])[0], robot.state[:6],
                                    atol=1e-9)
-        assert robot.spin_until(lambda: robot.values().get("model.link", "").startswith(
-            "down"), 10)
-        held = len(robot.arm)
-        robot.spin_until(lambda: False, 2.0)
-        assert len(robot.arm) == held, "planned without a server"
-        server = ServerProcess(checkpoints["widowx"], tmp_path / "server.log", port)
-        assert robot.spin_until(lambda: len(robot.arm) >= held + 2, 60, node), \
-            (tmp_path / "node.log").read_text()
-        assert robot.values().get("model.link") == "connected"
-        assert node.proc.poll() is None
+        robot.spin_until(lambda: robot.values().get(keys.MODEL_LINK, "").startswith("down"), 10,
+                         "the link reported down", feed=True)
+        held = len(robot.controller)
+        robot.spin_for(2.0, feed=True)
+        assert len(robot.controller) == held, "planned without a server"
+        server = robot.watch(ServerProcess(checkpoints["widowx"], tmp_path / "server.log",
+                                           port))
+        robot.spin_until(lambda: len(robot.controller) >= held + 2, 60,
+                         "trajectories from the restarted server", feed=True)
+        robot.spin_until(lambda: robot.values().get(keys.MODEL_LINK) == "connected", 10,
+                         "the link reported connected", feed=True)
+        assert node.alive()
     finally:
         assert node.stop() == 0
         server.stop()
-    log = (tmp_path / "node.log").read_text()
+    log = node.text()
     assert "server_unreachable" in log and "Traceback" not in log

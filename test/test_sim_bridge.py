@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
+from ros_harness import RobotSide
 
 pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
+
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
 from twinbrain_ros.robot.embodiment import Embodiment  # noqa: E402
 
@@ -18,76 +19,39 @@ pytestmark = [pytest.mark.ros, pytest.mark.slow]
 WIDOWX = Embodiment.load("widowx")
 
 
-class Listener:
-    """A test node that records what the bridge publishes, spinning in a thread."""
-
-    def __init__(self, context):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import Image, JointState
-        from std_msgs.msg import Bool, String
-        from trajectory_msgs.msg import JointTrajectory
-
-        from twinbrain_ros.ros.sim_bridge import EPISODE_TOPIC, EVENT_QOS, SUCCESS_TOPIC
-
-        self.node = rclpy.create_node("bridge_listener", context=context)
-        self.joints, self.images, self.events, self.instructions, self.success = [], [], [], [], []
-        self.node.create_subscription(JointState, WIDOWX.joint_state_topic, self.joints.append,
-                                      10)
-        self.node.create_subscription(Image, WIDOWX.image_topics[0], self.images.append,
-                                      qos_profile_sensor_data)
-        self.node.create_subscription(String, EPISODE_TOPIC,
-                                      lambda m: self.events.append(json.loads(m.data)), EVENT_QOS)
-        self.node.create_subscription(String, WIDOWX.instruction_topic,
-                                      lambda m: self.instructions.append(m.data), 10)
-        self.node.create_subscription(Bool, SUCCESS_TOPIC, lambda m: self.success.append(m.data),
-                                      10)
-        self.arm = self.node.create_publisher(JointTrajectory, WIDOWX.trajectory_topic, 10)
-        self.gripper = self.node.create_publisher(JointTrajectory, WIDOWX.gripper_topic, 10)
-        self.reset = self.node.create_publisher(String, "/sim/reset", 10)
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
-
-    def wait_for(self, predicate, timeout_s: float, what: str):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-    def close(self):
-        self.executor.shutdown(timeout_sec=1.0)
-        self.node.destroy_node()
-
-
 @pytest.fixture
 def bridge(ros_env):
-    """A SimBridge node (WidowX MuJoCo, pick_cube, 64x64) and a listener, own context."""
+    """A SimBridge node (WidowX MuJoCo, pick_cube, 64x64) spun by a RobotSide that listens to
+    what the simulated robot publishes (the policy's side), in a context of their own."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Bool, String
+    from trajectory_msgs.msg import JointTrajectory
 
-    from twinbrain_ros.ros.sim_bridge import SimBridge
+    from twinbrain_ros.ros.sim_bridge import EPISODE_TOPIC, EVENT_QOS, SUCCESS_TOPIC, SimBridge
 
     context = rclpy.Context()
     rclpy.init(context=context)
+    listener = RobotSide(WIDOWX, name="bridge_listener", context=context)
     node = SimBridge(context=context, parameter_overrides=[
         Parameter("embodiment", value="widowx"), Parameter("task", value="pick_cube"),
         Parameter("image_width", value=64), Parameter("image_height", value=64),
         Parameter("seed", value=3), Parameter("wait_for_subscribers_s", value=5.0)])
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
-    listener = Listener(context)
+    listener.add_node(node)
+    listener.joints = listener.listen(JointState, WIDOWX.joint_state_topic)
+    listener.images = listener.listen(Image, WIDOWX.image_topics[0], qos_profile_sensor_data)
+    listener.events = listener.listen(String, EPISODE_TOPIC, EVENT_QOS,
+                                      convert=lambda m: json.loads(m.data))
+    listener.instructions = listener.listen(String, WIDOWX.instruction_topic,
+                                            convert=lambda m: m.data)
+    listener.success = listener.listen(Bool, SUCCESS_TOPIC, convert=lambda m: m.data)
+    listener.arm = listener.node.create_publisher(JointTrajectory, WIDOWX.trajectory_topic, 10)
+    listener.gripper_pub = listener.node.create_publisher(JointTrajectory, WIDOWX.gripper_topic,
+                                                          10)
+    listener.reset = listener.node.create_publisher(String, "/sim/reset", 10)
     yield node, listener
     listener.close()
-    executor.shutdown(timeout_sec=1.0)
-    node.destroy_node()
     rclpy.shutdown(context=context)
 
 
@@ -95,12 +59,13 @@ def test_bridge_publishes_the_robot_and_executes_trajectories(bridge):
     from twinbrain_ros.ros.conversions import image_to_rgb, make_trajectory
 
     node, listener = bridge
-    listener.wait_for(lambda: listener.events and listener.images and len(listener.joints) > 5,
-                      30.0, "the first episode's observations")
+    listener.spin_until(lambda: listener.events and listener.images and len(listener.joints) > 5,
+                        30.0, "the first episode's observations")
     start = listener.events[0]
     assert start["event"] == "start" and start["seed"] == 3
     assert start["info"]["target"] in start["instruction"]
-    assert listener.instructions and listener.instructions[-1] == start["instruction"]
+    listener.spin_until(lambda: listener.instructions, 10.0, "the episode's instruction")
+    assert listener.instructions[-1] == start["instruction"]
     frame = image_to_rgb(listener.images[-1])
     assert frame.shape == (64, 64, 3) and frame.std() > 1.0          # a rendered scene
     state = listener.joints[-1]
@@ -114,17 +79,21 @@ def test_bridge_publishes_the_robot_and_executes_trajectories(bridge):
     arm_names = WIDOWX.joint_names[:6]
     waypoints = np.linspace(q0[:6], arm_target, 6)[1:]
     listener.arm.publish(make_trajectory(arm_names, waypoints, 0.2))
-    listener.gripper.publish(make_trajectory([WIDOWX.gripper_joint], [[0.022]], 0.6))
+    listener.gripper_pub.publish(make_trajectory([WIDOWX.gripper_joint], [[0.022]], 0.6))
 
     def reached():
         q = np.array(listener.joints[-1].position)
         return np.all(np.abs(q[:6] - arm_target) < 0.03) and abs(q[6] - 0.022) < 0.004
 
-    listener.wait_for(reached, 20.0, "the joints to reach the trajectory's targets")
+    listener.spin_until(reached, 20.0, "the joints to reach the trajectory's targets",
+                        show=lambda: list(listener.joints[-1].position))
 
     # A bad trajectory is ignored and the robot holds where it is.
     listener.arm.publish(make_trajectory(["waist", "no_such_joint"], [[0.0, 0.0]], 0.2))
-    time.sleep(1.0)
+    listener.spin_until(lambda: node.ignored["trajectory"] >= 1, 10.0, "the trajectory ignored")
+    seen = len(listener.joints)
+    listener.spin_until(lambda: len(listener.joints) >= seen + 10, 10.0,
+                        "ten joint states after it")
     q = np.array(listener.joints[-1].position)
     assert np.all(np.abs(q[:6] - arm_target) < 0.03)
 
@@ -133,17 +102,18 @@ def test_reset_requests_start_new_seeded_episodes(bridge):
     from std_msgs.msg import String
 
     node, listener = bridge
-    listener.wait_for(lambda: listener.events and listener.joints, 30.0, "the first episode")
+    listener.spin_until(lambda: listener.events and listener.joints, 30.0, "the first episode")
     before = listener.joints[-1].header.stamp
     listener.reset.publish(String(data=json.dumps({"seed": 42})))
-    listener.wait_for(lambda: any(e["seed"] == 42 for e in listener.events), 30.0,
-                      "episode seed 42")
+    listener.spin_until(lambda: any(e["seed"] == 42 for e in listener.events), 30.0,
+                        "episode seed 42", show=lambda: listener.events)
     # Simulated time skips episode_gap_s (5 s) at the reset: no plan outlives its episode.
     start = next(e for e in listener.events if e["seed"] == 42)
     assert start["sim_time"] >= before.sec + before.nanosec * 1e-9 + 5.0
     listener.reset.publish(String(data="not json"))                 # logged and ignored
     listener.reset.publish(String(data=json.dumps({"task": "no_such_task"})))
-    time.sleep(0.5)
+    listener.spin_until(lambda: node.ignored["reset"] == 2, 10.0, "both requests ignored",
+                        show=lambda: dict(node.ignored))
     assert [e["seed"] for e in listener.events if e["event"] == "start"] == [3, 42]
     assert node._episode is not None                                 # still running
 

@@ -122,6 +122,7 @@ def test_unknown_task_is_refused():
         make_backend("gr1_robosuite", task="stack_cups")
 
 
+@pytest.mark.slow
 def test_expert_picks_and_places(backend):
     """The scripted expert succeeds on at least 90% of seeds, within the step limits."""
     emb = backend.embodiment

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, camera_frame
+from helpers import FAMILIES, camera_frame
 
 from twinbrain_ros.model.backbone import BackboneError, QwenVLProcessor, load_vlm
 from twinbrain_ros.model.presets import backbone_config

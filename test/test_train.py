@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from waiting import wait_until
 
 from twinbrain_ros.model.backbone import load_vlm
 from twinbrain_ros.robot.embodiment import Embodiment
@@ -70,13 +70,22 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / "model.safetensors"))
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (tests in parallel processes each get their own)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _run(config: TrainConfig, nproc: int = 1, wait: bool = True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, "-m", "twinbrain_ros.train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "twinbrain_ros.train"]
+               "--master_port", str(_free_port()), "-m", "twinbrain_ros.train"]
     proc = subprocess.Popen(cmd + _overrides(config), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     if not wait:
@@ -146,12 +155,12 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_backbones, gr1_
     _run(straight)
 
     proc = _run(killed, wait=False)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
+    def saved_step_8():
         done = checkpoint_dirs(killed.output_dir)
-        if done and int(done[-1].name.split("_")[1]) >= 8:
-            break
-        time.sleep(0.05)
+        return (done and int(done[-1].name.split("_")[1]) >= 8) or proc.poll() is not None
+
+    wait_until(saved_step_8, 300, "the checkpoint of step 8",
+               show=lambda: [d.name for d in checkpoint_dirs(killed.output_dir)])
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -54,6 +54,7 @@ class DemoConfig:
     lr: float = 5e-4
     eval_episodes: int = 20         # per policy, same seeds for both
     eval_seed: int = 10_000         # held out: demonstrations use seeds 0 .. demos-1
+    eval_episode_steps: int = 0     # episode length in control periods (0: the task's own)
     videos: int = 2
     real_time_factor: float = 3.0   # simulated seconds per wall second (sim time paces all)
     camera_rate_hz: float = 0.0     # evaluation camera rate (0: the control rate)
@@ -94,8 +95,11 @@ class DemoConfig:
     def quick(cls, embodiment: str = "widowx", simpler: bool = False) -> DemoConfig:
         """A few minutes: enough to see the loss fall and the loop run end to end."""
         base = cls.gr1() if embodiment == "gr1" else cls.simpler() if simpler else cls()
-        return replace(base, demos=4 if embodiment == "gr1" else 8, steps=60, batch_size=8,
-                       eval_episodes=1 if embodiment == "gr1" else 2, videos=1)
+        gr1 = embodiment == "gr1"
+        # A GR1 episode lasts 25 s of simulated time, run at real time: 5 s show the loop.
+        return replace(base, demos=4 if gr1 else 8, steps=60, batch_size=8,
+                       eval_episodes=1 if gr1 else 2, videos=1, record_workers=1,
+                       eval_episode_steps=100 if gr1 else 0)
 
 
 def _stage(number: int, total: int, text: str) -> None:
@@ -235,7 +239,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
             embodiment=embodiment, tasks=[task], episodes=cfg.eval_episodes,
             seed=cfg.eval_seed, checkpoint=str(checkpoint), device="cpu", backend=cfg.backend,
             image_size=cfg.image_size, out=str(out / f"eval_{label}"), video=videos,
-            real_time_factor=cfg.real_time_factor, camera_rate_hz=cfg.camera_rate_hz))
+            real_time_factor=cfg.real_time_factor, camera_rate_hz=cfg.camera_rate_hz,
+            episode_steps=cfg.eval_episode_steps))
         summaries[label], episodes[label] = result.summary, result.episodes
     times["3 evaluation"] = time.monotonic() - start
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..model.checkpoint import load_checkpoint
+from ..model.checkpoint import load_checkpoint, read_checkpoint_config
 from ..model.rtc import ChunkPrefix
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
@@ -75,11 +75,13 @@ class PolicyRuntime:
         """
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # A checkpoint of another robot is refused before any weight is read.
+        self.spec = check_compatible(read_checkpoint_config(checkpoint)[0].embodiments,
+                                     embodiment, checkpoint)
         self.model = load_checkpoint(checkpoint, device=self.device, dtype=dtype,
                                      backbone_path=backbone_path)
         self.model.eval()
         self.key = embodiment.normalization_key
-        self.spec = check_compatible(self.model.config.embodiments, embodiment, checkpoint)
         self.horizon = self.model.config.action_expert.horizon
         self.seed = seed
         self.log = log or (lambda text: None)

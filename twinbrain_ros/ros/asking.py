@@ -32,6 +32,7 @@ import numpy as np
 from std_msgs.msg import String
 
 from ..errors import CausedError, shorten
+from . import diagnostic_keys as keys
 
 MAX_PENDING = 8          # questions held (the one being answered too); more: `busy`
 SLICE_MARGIN = 0.8       # share of the time to the next cycle a slice may take
@@ -283,26 +284,25 @@ class QuestionDesk:
         """`ask.*` values for /diagnostics; `cycles`: the node's recent cycle records."""
         with self._lock:
             slices = list(self.slices)
-            values = {"ask.questions_total": str(self.questions),
-                      "ask.answered_total": str(self.answered),
-                      "ask.pending": str(len(self._pending)
-                                         + (self._current is not None)),
-                      "ask.route": "policy server" if self.remote else "between cycles"}
+            values = {keys.ASK_QUESTIONS_TOTAL: str(self.questions),
+                      keys.ASK_ANSWERED_TOTAL: str(self.answered),
+                      keys.ASK_PENDING: str(len(self._pending) + (self._current is not None)),
+                      keys.ASK_ROUTE: "policy server" if self.remote else "between cycles"}
             for cause, count in sorted(self.refused.items()):
-                values[f"ask.refused.{cause}"] = str(count)
+                values[keys.ask_refused(cause)] = str(count)
             if self.token_seconds > 0:
-                values["ask.tokens_per_s"] = f"{self.tokens / self.token_seconds:.1f}"
+                values[keys.ASK_TOKENS_PER_S] = f"{self.tokens / self.token_seconds:.1f}"
         if slices:
-            values["ask.slice_median_ms"] = f"{np.median(slices) * 1000:.1f}"
-            values["ask.slice_max_ms"] = f"{max(slices) * 1000:.1f}"
+            values[keys.ASK_SLICE_MEDIAN_MS] = f"{np.median(slices) * 1000:.1f}"
+            values[keys.ASK_SLICE_MAX_MS] = f"{max(slices) * 1000:.1f}"
         # The effect on control: model latency and cycle period with and without answering.
-        for label, flag in (("while_answering", True), ("otherwise", False)):
-            chosen = [c for c in cycles if bool(c.get("asking")) == flag]
+        for answering in (True, False):
+            chosen = [c for c in cycles if bool(c.get("asking")) == answering]
             if chosen:
-                values[f"ask.inference_latency_median_ms_{label}"] = \
+                values[keys.ask_inference_latency_median_ms(answering)] = \
                     f"{np.median([c['model_s'] for c in chosen]) * 1000:.1f}"
             periods = [c["period_s"] for c in chosen if c.get("period_s")]
             if periods:
-                values[f"ask.cycle_period_median_ms_{label}"] = \
+                values[keys.ask_cycle_period_median_ms(answering)] = \
                     f"{np.median(periods) * 1000:.1f}"
         return values

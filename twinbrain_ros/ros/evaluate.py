@@ -242,6 +242,7 @@ def _evaluate_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path):
                          "image_width": config.image_size, "image_height": config.image_size,
                          "real_time_factor": config.real_time_factor,
                          "camera_rate_hz": config.camera_rate_hz,
+                         "episode_steps": config.episode_steps,
                          "wait_for_policy": config.policy == "checkpoint"}
         processes.append(("sim_bridge", start_node("sim_bridge", env, bridge_params,
                                                    log_path=log_dir / "sim_bridge.log")))
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for the bridge and policy node")
     parser.add_argument("--episode-timeout-s", type=float, default=300.0,
                         help="wall-clock limit of one episode")
+    parser.add_argument("--episode-steps", type=int, default=0,
+                        help="length of every episode in control periods (0: the task's own "
+                             "limit)")
     parser.add_argument("--chunk-transition", choices=("blend", "rtc"), default="",
                         help="how a new chunk takes over the executing plan: blend "
                              "(cross-fade) or rtc (real-time chunking); default: the "

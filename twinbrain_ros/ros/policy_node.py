@@ -49,6 +49,7 @@ from ..policy.recording import CycleRecorder
 from ..policy.scheduler import Trajectory
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
+from . import diagnostic_keys as keys
 from .asking import QuestionDesk
 from .conversions import (
     InputError,
@@ -810,7 +811,7 @@ class PolicyNode(Node):
 
     @_guarded
     def _publish_diagnostics(self) -> None:
-        status = DiagnosticStatus(name="twinbrain_ros: policy_node",
+        status = DiagnosticStatus(name=keys.STATUS_NAME,
                                   hardware_id=str(self.params["server"]
                                                   or self.params["checkpoint"]))
         values = {}
@@ -823,37 +824,37 @@ class PolicyNode(Node):
             last_error, holds = self.last_error, self.holds
         if latencies:
             lat = np.asarray(latencies) * 1000.0
-            values["inference_latency_median_ms"] = f"{np.median(lat):.1f}"
-            values["inference_latency_p95_ms"] = f"{np.percentile(lat, 95):.1f}"
+            values[keys.INFERENCE_LATENCY_MEDIAN_MS] = f"{np.median(lat):.1f}"
+            values[keys.INFERENCE_LATENCY_P95_MS] = f"{np.percentile(lat, 95):.1f}"
         if overheads:
-            values["cycle_overhead_median_ms"] = f"{np.median(overheads) * 1000.0:.2f}"
+            values[keys.CYCLE_OVERHEAD_MEDIAN_MS] = f"{np.median(overheads) * 1000.0:.2f}"
         recent = [t for t in chunk_times if time.monotonic() - t <= 10.0]
-        values["achieved_rate_hz"] = f"{len(recent) / 10.0:.2f}"
-        values["chunks_total"] = str(len(latencies))
+        values[keys.ACHIEVED_RATE_HZ] = f"{len(recent) / 10.0:.2f}"
+        values[keys.CHUNKS_TOTAL] = str(len(latencies))
         for cause, count in rejected:
-            values[f"rejected.{cause}"] = str(count)
-        values["holds_total"] = str(holds)
+            values[keys.rejected(cause)] = str(count)
+        values[keys.HOLDS_TOTAL] = str(holds)
         pipeline = self.pipeline
-        values["chunk_transition"] = pipeline.chunk_transition
+        values[keys.CHUNK_TRANSITION] = pipeline.chunk_transition
         if pipeline.chunk_transition == "rtc":
-            values["rtc_expected_latency_s"] = f"{pipeline.expected_latency():.3f}"
-        values["plan_left_total"] = str(pipeline.divergences)
-        values["plan_left_last"] = pipeline.last_divergence
-        values["last_error"] = last_error
-        values["worker_alive"] = str(self._worker.is_alive())
-        values["worker_restarts"] = str(self.worker_restarts)
-        values["worker_idle_s"] = f"{time.monotonic() - self._heartbeat:.1f}"
-        values["operator_hold"] = str(self._operator_hold)
+            values[keys.RTC_EXPECTED_LATENCY_S] = f"{pipeline.expected_latency():.3f}"
+        values[keys.PLAN_LEFT_TOTAL] = str(pipeline.divergences)
+        values[keys.PLAN_LEFT_LAST] = pipeline.last_divergence
+        values[keys.LAST_ERROR] = last_error
+        values[keys.WORKER_ALIVE] = str(self._worker.is_alive())
+        values[keys.WORKER_RESTARTS] = str(self.worker_restarts)
+        values[keys.WORKER_IDLE_S] = f"{time.monotonic() - self._heartbeat:.1f}"
+        values[keys.OPERATOR_HOLD] = str(self._operator_hold)
         now = time.monotonic()
         for topic, entry in self._inputs.items():
             age = "never" if entry["received"] is None else f"{now - entry['received']:.2f}"
-            values[f"input.{topic}.silent_s"] = age
-            values[f"input.{topic}.resubscribed"] = str(entry["resubscribed"])
+            values[keys.input_silent_s(topic)] = age
+            values[keys.input_resubscribed(topic)] = str(entry["resubscribed"])
         values.update(self.asking.diagnostics(cycles))
-        values["actuation_enabled"] = str(self.actuate)
-        values["embodiment"] = self.embodiment.name
-        for key, value in getattr(self.runtime, "identity", {}).items():
-            values[f"model.{key}"] = str(value)
+        values[keys.ACTUATION_ENABLED] = str(self.actuate)
+        values[keys.EMBODIMENT] = self.embodiment.name
+        for key, value in dict(getattr(self.runtime, "identity", {})).items():
+            values[keys.model(key)] = str(value)
         status.level = DiagnosticStatus.OK
         status.message = "running"
         if self._operator_hold:

@@ -32,6 +32,8 @@ topics (privileged state, in this process): a check of the loop without a policy
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import threading
 import time
@@ -81,6 +83,8 @@ _PARAMETERS = {
     "episode_gap_s": Param(5.0, "simulated time skipped before each episode; keep it longer "
                                 "than the policy's plan (horizon x control period) so that "
                                 "none carries across a reset", (0.0, 3600.0)),
+    "episode_steps": Param(0, "length of every episode in control periods (0: the task's own "
+                              "limit); shorter episodes for quick checks", (0, 10_000_000)),
     "publish_instruction": Param(True, "publish the task's instruction at each episode start"),
     "start_episode": Param(True, "start the first episode without waiting for a reset "
                                  "request"),
@@ -126,6 +130,8 @@ class SimBridge(Node):
         self._reset_request = None      # (seed or None, task or None)
         self._wall_start = None
         self.episodes: list[dict] = []  # results of ended episodes
+        # Messages refused (each logged): "trajectory" (malformed or not executable), "reset".
+        self.ignored: collections.Counter = collections.Counter()
 
         q, _ = backend.joint_state()
         self.follower = TrajectoryFollower(emb.joint_names, emb.lower, emb.upper, q,
@@ -177,6 +183,7 @@ class SimBridge(Node):
         times = [pt.time_from_start.sec + pt.time_from_start.nanosec * 1e-9 for pt in msg.points]
         rows = [list(pt.positions) for pt in msg.points]
         if len({len(row) for row in rows}) > 1:
+            self.ignored["trajectory"] += 1
             self.get_logger().warning("ignored a trajectory: its points have different numbers "
                                       "of positions", throttle_duration_sec=2.0)
             return
@@ -190,6 +197,7 @@ class SimBridge(Node):
                 self.follower.receive(list(msg.joint_names), np.asarray(times), positions,
                                       stamp if stamp > 0 else now, now)
             except TrajectoryError as error:
+                self.ignored["trajectory"] += 1
                 self.get_logger().warning(f"ignored a trajectory: {error}",
                                           throttle_duration_sec=2.0)
                 return
@@ -221,6 +229,7 @@ class SimBridge(Node):
             if task is not None and task not in self.backend.tasks:
                 raise ValueError(f"unknown task {task!r}; tasks: {list(self.backend.tasks)}")
         except ValueError as error:
+            self.ignored["reset"] += 1
             self.get_logger().error(f"ignored reset request {text!r}: {error}")
             return
         with self._lock:
@@ -298,6 +307,8 @@ class SimBridge(Node):
         except Exception as error:  # noqa: BLE001 - a failed reset must not kill the bridge
             self.get_logger().error(f"reset of {self._task} seed {seed} failed: {error}")
             return
+        if int(self.params["episode_steps"]) > 0:
+            episode = dataclasses.replace(episode, max_steps=int(self.params["episode_steps"]))
         q, _ = self.backend.joint_state()
         with self._lock:
             self._sim_time += max(0.0, float(self.params["episode_gap_s"]))

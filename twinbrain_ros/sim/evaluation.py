@@ -47,6 +47,7 @@ class EvaluationConfig:
         plot: save `success.png`.
         startup_timeout_s: how long to wait for the bridge and policy node (ROS only).
         episode_timeout_s: wall-clock limit of one episode (ROS only).
+        episode_steps: length of every episode in control periods (0: the task's own limit).
         chunk_transition: how a new chunk takes over, ``blend`` or ``rtc`` ("": the
             embodiment file's `chunk_transition`, else blend).
         rtc_schedule: real-time chunking's guidance weights over the overlap.
@@ -74,6 +75,7 @@ class EvaluationConfig:
     plot: bool = False
     startup_timeout_s: float = 120.0
     episode_timeout_s: float = 300.0
+    episode_steps: int = 0
     chunk_transition: str = ""
     rtc_schedule: str = "exp"
     inference_delay_s: float = 0.0
@@ -95,6 +97,8 @@ class EvaluationConfig:
             raise ValueError("--policy external needs --transport ros (running nodes)")
         if self.episodes < 1:
             raise ValueError("episodes must be at least 1")
+        if self.episode_steps < 0:
+            raise ValueError("episode_steps must not be negative (0: the task's own limit)")
         if self.chunk_transition not in ("", "blend", "rtc"):
             raise ValueError(f"chunk_transition {self.chunk_transition!r} is not blend or rtc")
         if self.inference_delay_s < 0:
@@ -162,7 +166,7 @@ def run_inprocess(config: EvaluationConfig, embodiment, pipeline=None,
                                          actions_per_inference=actions_per_inference,
                                          record=keep, render=pipeline is not None or keep,
                                          inference_delay_s=config.inference_delay_s,
-                                         recorder=recorder)
+                                         recorder=recorder, max_steps=config.episode_steps)
                 finally:
                     if recorder is not None:
                         recorder.close()

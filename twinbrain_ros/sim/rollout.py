@@ -26,6 +26,7 @@ This module does not import the policy layer: the pipeline is passed in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def run_episode(backend: SimBackend, seed: int,
                 stop_on_success: bool | None = None, stop_when_done: bool = False,
                 pipeline=None,
                 actions_per_inference: int = 1, inference_delay_s: float = 0.0,
-                recorder=None) -> EpisodeRecord:
+                recorder=None, max_steps: int = 0) -> EpisodeRecord:
     """Run one seeded episode with the scripted expert (default), `policy` or `pipeline`.
 
     Args:
@@ -122,6 +123,7 @@ def run_episode(backend: SimBackend, seed: int,
         actions_per_inference: the pipeline's replanning period in control periods.
         inference_delay_s: simulated time that passes while the pipeline infers.
         recorder: a `CycleRecorder` for the policy's cycles (None: none).
+        max_steps: the episode's length in control periods (0: the task's own limit).
 
     Returns:
         The episode record; `success` is whether the goal held at the end.
@@ -131,6 +133,8 @@ def run_episode(backend: SimBackend, seed: int,
     if stop_on_success is None:
         stop_on_success = not backend.judge_at_end
     episode = backend.reset(seed)
+    if max_steps > 0:
+        episode = dataclasses.replace(episode, max_steps=int(max_steps))
     robot = SimulatedRobot(backend)
     expert = backend.expert() if policy is None and pipeline is None else None
     result = EpisodeRecord(episode=episode)
