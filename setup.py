@@ -30,7 +30,7 @@ setup(
         "console_scripts": [
             "policy_node = twinbrain_ros.ros.policy_node:main",
             "policy_server = twinbrain_ros.serving.server:main",
-            "make_tiny_checkpoint = twinbrain_ros.model.tiny:main",
+            "make_tiny_checkpoint = twinbrain_ros.tools.make_tiny_checkpoint:main",
             "demo = twinbrain_ros.demo:main",
             "train = twinbrain_ros.train:main",
             "bag_to_dataset = twinbrain_ros.tools.bag_to_dataset:main",

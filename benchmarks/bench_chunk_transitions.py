@@ -44,15 +44,16 @@ def main() -> int:
     args = parser.parse_args()
 
     from twinbrain_ros.demo import wrong_object_rate
+    from twinbrain_ros.evaluation.config import EvaluationConfig
+    from twinbrain_ros.evaluation.inprocess import run_inprocess
+    from twinbrain_ros.evaluation.results import summarize
+    from twinbrain_ros.policy.config import PolicyConfig
     from twinbrain_ros.policy.pipeline import PolicyPipeline
     from twinbrain_ros.policy.runtime import PolicyRuntime
     from twinbrain_ros.robot.embodiment import Embodiment
-    from twinbrain_ros.ros.evaluate import node_defaults
-    from twinbrain_ros.sim.evaluation import EvaluationConfig, run_inprocess, summarize
 
     embodiment = Embodiment.resolve(args.embodiment)
-    defaults = node_defaults(args.embodiment)
-    period = int(defaults.get("actions_per_inference", 4))
+    period = PolicyConfig.for_robot(embodiment).actions_per_inference
     runtime = PolicyRuntime(str(Path(args.checkpoint).resolve()), embodiment, device=args.device,
                             seed=0)
     rows = []
@@ -62,19 +63,18 @@ def main() -> int:
           f"{runtime.horizon}", flush=True)
     for delay in args.delays:
         for transition in args.transitions:
-            pipeline = PolicyPipeline(runtime, embodiment,
-                                      blend_steps=int(defaults.get("blend_steps", 2)),
-                                      chunk_transition=transition,
-                                      rtc_schedule=args.rtc_schedule)
+            loop = PolicyConfig.for_robot(embodiment, inference_delay_s=delay,
+                                          chunk_transition=transition,
+                                          rtc_schedule=args.rtc_schedule)
+            pipeline = PolicyPipeline(runtime, embodiment, loop)
             config = EvaluationConfig(embodiment=args.embodiment, tasks=[args.task],
                                       episodes=args.episodes, seed=args.seed,
                                       checkpoint=args.checkpoint, transport="inprocess",
-                                      image_size=args.image_size, inference_delay_s=delay,
-                                      chunk_transition=transition,
+                                      image_size=args.image_size, loop=loop,
                                       out=str(out / f"{transition}_{delay}"))
             started = time.monotonic()
             episodes, _ = run_inprocess(config, embodiment, pipeline=pipeline,
-                                        actions_per_inference=period, progress=lambda line: None)
+                                        progress=lambda line: None)
             summary = summarize(episodes)
             motion = summary["motion"]
             row = {"delay_s": delay, "transition": transition,

@@ -396,7 +396,7 @@ def bench_one(family: str, brain_mode: str, args, checkpoint: Path | None) -> di
         # As predict_action does: M-RoPE positions on the CPU (its preprocess stage), so the
         # timed chunk has no host synchronisation for them.
         inputs = model.right.with_positions(inputs.to("cpu")).to(device)
-        padded, mask = model.pad_state(state[None])
+        padded, mask = model.state_tensors([state], EMBODIMENT)
         padded, mask = padded.to(device), mask.to(device)
         generator = torch.Generator(device=device)
 

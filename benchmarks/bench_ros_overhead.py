@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         state = np.clip(np.zeros(embodiment.state_dim), embodiment.lower, embodiment.upper)
         if args.embodiment == "widowx":
             state = np.array([0.0, 0.1, -0.2, 0.0, 0.4, 0.0, 0.03])
-        deadline = time.monotonic() + 60 + args.cycles * policy.period * 2
-        while len(policy.cycles) < args.cycles + 3 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60 + args.cycles * policy.loop.period * 2
+        while len(policy.loop.cycles) < args.cycles + 3 and time.monotonic() < deadline:
             now = robot.get_clock().now()
             stamp = now.to_msg()
             image_pub.publish(rgb_to_image(rgb, stamp))
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             text_pub.publish(String(data="pick up the cup"))
             time.sleep(1.0 / args.input_hz)
         time.sleep(0.5)
-        cycles = list(policy.cycles)[3:]  # the first cycles include lazy initialisation
+        cycles = list(policy.loop.cycles)[3:]  # the first cycles include lazy initialisation
         executor.shutdown()
         policy.destroy_node()
         robot.destroy_node()

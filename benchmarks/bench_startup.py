@@ -121,7 +121,7 @@ def main() -> int:
     parser.add_argument("--embodiment", default="widowx", choices=["widowx", "gr1"])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    from twinbrain_ros.model.tiny import make_tiny_policy
+    from twinbrain_ros.tools.make_tiny_checkpoint import make_tiny_policy
 
     checkpoint = make_tiny_policy(args.embodiment, tempfile.mkdtemp(prefix="tiny_policy_"))
     totals, stages = [], []

@@ -33,7 +33,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from twinbrain_ros.demo import EMBODIMENT, TASK, DemoConfig  # noqa: E402
-from twinbrain_ros.train import Collator, TrainConfig, build_data, train  # noqa: E402
+from twinbrain_ros.train import Collator, TrainConfig, train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,10 +67,10 @@ def demo_config(out: Path, backbone: Path, steps: int, options: str) -> TrainCon
 
 
 @torch.no_grad()
-def held_out_errors(model, held_out, norm_stats, frames: int, config: TrainConfig) -> dict:
+def held_out_errors(model, held_out, frames: int) -> dict:
     """Flow-matching loss (fixed draws) and sampled-chunk MSE on held-out frames."""
     model.eval()
-    collate = Collator(model.processor, norm_stats, config.max_state_dim, config.max_action_dim)
+    collate = Collator(model)
     rng = np.random.default_rng(0)
     indices = rng.choice(len(held_out), size=min(frames, len(held_out)), replace=False)
     losses, errors = [], []
@@ -118,16 +118,14 @@ def main(argv=None) -> int:
         start = time.monotonic()
         last = train(config)
         seconds = time.monotonic() - start
-        _, _, norm_stats = build_data(config)
         held_out = LeRobotDataset(out / "held_out", horizon=config.horizon,
                                   embodiment=Embodiment.resolve(EMBODIMENT))
         row = {"options": options, "train_s": seconds,
                "samples_per_s": args.steps * config.batch_size / seconds}
         row["raw"] = held_out_errors(load_checkpoint(last, use_ema=False), held_out,
-                                     norm_stats, args.eval_frames, config)
+                                     args.eval_frames)
         if (last / "ema.safetensors").is_file():
-            row["ema"] = held_out_errors(load_checkpoint(last), held_out, norm_stats,
-                                         args.eval_frames, config)
+            row["ema"] = held_out_errors(load_checkpoint(last), held_out, args.eval_frames)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{args.steps} steps, batch {DemoConfig().batch_size}, "

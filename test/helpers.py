@@ -44,7 +44,9 @@ def make_batch(model: TwinBrainVLA, instructions=("pick up the red can",
     gen = torch.Generator().manual_seed(1)
     batch = len(instructions)
     spec = next(iter(model.config.embodiments.values()))
-    state, state_mask = model.pad_state(torch.rand(batch, spec.state_dim, generator=gen).numpy())
+    name = next(iter(model.config.embodiments))
+    state, state_mask = model.state_tensors(
+        torch.rand(batch, spec.state_dim, generator=gen).numpy(), name)
     horizon = model.config.action_expert.horizon
     actions = torch.rand(batch, horizon, model.config.action_expert.action_dim,
                          generator=gen) * 2 - 1

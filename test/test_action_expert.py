@@ -295,7 +295,7 @@ def test_overfits_fixed_batch():
 
 
 def test_rtc_weights_schedules():
-    from twinbrain_ros.model.rtc import rtc_weights
+    from twinbrain_ros.transforms.rtc import rtc_weights
 
     exp = rtc_weights(10, frozen=3, overlap=7, schedule="exp")
     assert exp[:3].tolist() == [1.0, 1.0, 1.0]
@@ -314,7 +314,7 @@ def test_rtc_weights_schedules():
 
 
 def test_rtc_sampler_reproduces_the_frozen_prefix_and_guides_the_overlap():
-    from twinbrain_ros.model.rtc import rtc_weights
+    from twinbrain_ros.transforms.rtc import rtc_weights
 
     expert = make_expert().eval()
     _, _, cond, cond_mask, _, _ = make_inputs()

@@ -20,7 +20,7 @@ from twinbrain_ros.model.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from twinbrain_ros.model.normalization import EmbodimentNormStats, NormStats
+from twinbrain_ros.transforms.normalization import EmbodimentNormStats, NormStats
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_inprocess_and_ros_evaluations_give_the_same_outcome_per_seed(ros_env, t
 
 
 def test_inprocess_evaluation_refuses_running_nodes(tmp_path):
-    from twinbrain_ros.sim.evaluation import EvaluationConfig
+    from twinbrain_ros.evaluation.config import EvaluationConfig
 
     with pytest.raises(ValueError, match="--policy external needs --transport ros"):
         EvaluationConfig(tasks=["pick_cube"], policy="external", transport="inprocess")

@@ -338,7 +338,7 @@ def test_sim_launch_runs_an_expert_episode(prefix, ros_env, tmp_path):
 def test_sim_launch_with_a_policy_starts_the_first_episode_once_it_is_ready(prefix, ros_env,
                                                                            tmp_path):
     pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
-    from twinbrain_ros.model.tiny import make_tiny_policy
+    from twinbrain_ros.tools.make_tiny_checkpoint import make_tiny_policy
 
     checkpoint = make_tiny_policy("widowx", tmp_path / "tiny")
     run = launch_process(tmp_path, "task:=pick_cube", f"checkpoint:={checkpoint}",

@@ -347,7 +347,7 @@ def test_causal_left_visibility_hides_later_left_tokens_from_a_right_token(tiny_
         assert inputs.input_ids.shape[1] == inputs.attention_mask.sum(1).min()  # no padding
         differs = (inputs.input_ids[0] != inputs.input_ids[1]).nonzero()[:, 0]
         first = int(differs[0])
-        state, mask = model.pad_state(np.zeros((2, 5), dtype=np.float32))
+        state, mask = model.state_tensors(np.zeros((2, 5), dtype=np.float32), "arm")
         with torch.no_grad():
             hidden, _ = model.encode(inputs, state, mask, ["arm", "arm"])
         results[visibility] = (hidden[0, :first] - hidden[1, :first]).abs().max().item()

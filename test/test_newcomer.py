@@ -34,7 +34,7 @@ def test_the_readme_commands_drive_the_simulated_robot(ros_env, tmp_path):
     commands = [shlex.split(line.replace("/tmp/twinbrain_tiny", str(tmp_path / "tiny")))
                 for line in _readme_python_commands()]
     assert [c[:3] for c in commands] == [
-        ["python", "-m", "twinbrain_ros.model.tiny"],
+        ["python", "-m", "twinbrain_ros.tools.make_tiny_checkpoint"],
         ["python", "-m", "twinbrain_ros.ros.sim_bridge"],
         ["python", "-m", "twinbrain_ros.ros.policy_node"]]
     made = subprocess.run([sys.executable, *commands[0][1:]], cwd=ROOT, capture_output=True,
@@ -84,7 +84,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
      "evaluate: "),
     ("twinbrain_ros.serving.server", ["--checkpoint", "/nonexistent/checkpoint"],
      "policy_server: "),
-    ("twinbrain_ros.model.tiny", ["--policy", "no_such_robot", "--out", "/tmp/x"],
+    ("twinbrain_ros.tools.make_tiny_checkpoint", ["--policy", "no_such_robot", "--out", "/tmp/x"],
      "make_tiny_checkpoint: "),
 ])
 def test_entry_points_name_a_missing_file_in_one_line(module, args, expected):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinbrain_ros.model.normalization import EmbodimentNormStats, NormStats
+from twinbrain_ros.transforms.normalization import EmbodimentNormStats, NormStats
 
 
 @pytest.mark.parametrize("mode", ["q01_q99", "min_max", "mean_std"])

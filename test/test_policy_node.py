@@ -173,15 +173,15 @@ def test_checkpoint_of_another_embodiment_fails_at_start(ros_env, gr1_checkpoint
 
 
 def test_the_joint_state_stamped_nearest_the_image_is_used():
-    from twinbrain_ros.ros.policy_node import _matching_joint_state
+    from twinbrain_ros.ros.inputs import matching_joint_state
 
     # joint states at 50 Hz, the camera at 5 Hz: the newest joint state is 0.18 s past the image
     history = [(np.full(2, k), 100.0 + 0.02 * k, 10.0 + 0.02 * k) for k in range(20)]
-    chosen = _matching_joint_state(history, image_stamps=[10.2])
+    chosen = matching_joint_state(history, image_stamps=[10.2])
     assert chosen[2] == pytest.approx(10.2)
     # unstamped inputs: the newest joint state
     unstamped = [(np.zeros(2), 1.0, 0.0), (np.ones(2), 2.0, 0.0)]
-    assert _matching_joint_state(unstamped, image_stamps=[0.0]) is unstamped[-1]
+    assert matching_joint_state(unstamped, image_stamps=[0.0]) is unstamped[-1]
 
 
 def _two_sigints(node: NodeProcess, between) -> None:

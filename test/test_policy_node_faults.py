@@ -351,9 +351,9 @@ def test_an_out_of_range_parameter_is_refused_at_start(ros_env, tmp_path, tiny_b
     assert "actions_per_inference" in text and "Traceback" not in text
 
 
-def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(robot, gr1_runtime,
+def test_rtc_node_waits_the_inference_delay_and_logs_each_instruction(robot, gr1_runtime,
                                                                          tmp_path):
-    pytest.importorskip("rerun", reason="recordings need rerun-sdk")
+    pytest.importorskip("rerun", reason="rerun logs need rerun-sdk")
     from rerun.chunk import RrdReader
 
     class PrefixLog:
@@ -370,12 +370,12 @@ def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(robot, 
             self.prefixes.append(prefix)
             return self.runtime.infer(observation, prefix=prefix)
 
-    record = tmp_path / "recordings"
+    logs = tmp_path / "rerun"
     runtime = PrefixLog(gr1_runtime)
     # Replanning every 4 of the 8 actions leaves an overlap to inpaint.
     policy = in_process_policy_node(robot, runtime, chunk_transition="rtc",
                                     inference_delay_s=0.2, actions_per_inference=4,
-                                    record_path=str(record))
+                                    rerun_path=str(logs))
 
     def following():
         # The robot follows its commands: where the newest trajectory starts.
@@ -390,18 +390,18 @@ def test_rtc_node_waits_the_inference_delay_and_records_each_instruction(robot, 
     assert all(p.frozen >= min(4, len(p.actions)) and p.frozen >= 1 for p in guided)
     robot.spin_until(lambda: keys.RTC_EXPECTED_LATENCY_S in robot.values(), 10,
                      "the expected latency reported", feed=True)
-    cycles = list(policy.cycles)
+    cycles = list(policy.loop.cycles)
     assert cycles and all(c["published"] - c["started"] >= 0.2 for c in cycles)
     values = robot.values()
     assert values[keys.CHUNK_TRANSITION] == "rtc"
     assert values.number(keys.RTC_EXPECTED_LATENCY_S) >= 0.2
     assert keys.PLAN_LEFT_TOTAL in values
-    # A new instruction starts a new recording.
+    # A new instruction starts a new rerun log.
     count = len(robot.controller)
     robot.spin_until(lambda: len(robot.controller) >= count + 2, 30,
                      "plans for the new instruction", feed=dict(text="put the cup down"))
-    robot.remove_node(policy)  # closes the recording
-    files = sorted(record.glob("*.rrd"))
+    robot.remove_node(policy)  # closes the rerun log
+    files = sorted(logs.glob("*.rrd"))
     assert [f.name[:5] for f in files] == ["0001_", "0002_"]
     assert "pick_up_the_red_cup" in files[0].name and "put_the_cup_down" in files[1].name
     paths = set(RrdReader(str(files[0])).store().schema().entity_paths())

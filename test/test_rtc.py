@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from helpers import build_model, camera_frame
 
-from twinbrain_ros.model.normalization import EmbodimentNormStats, NormStats
-from twinbrain_ros.model.rtc import ChunkPrefix
+from twinbrain_ros.policy.config import PolicyConfig
 from twinbrain_ros.policy.contract import ActionChunk
+from twinbrain_ros.policy.loop import Snapshot
 from twinbrain_ros.policy.pipeline import PolicyPipeline
 from twinbrain_ros.robot.embodiment import Embodiment
 from twinbrain_ros.robot.observation import Observation
+from twinbrain_ros.transforms.normalization import EmbodimentNormStats, NormStats
+from twinbrain_ros.transforms.rtc import ChunkPrefix
 
 # Raw action range of the tiny model below: [-0.5, 2.0] on every dim.
 LOW, HIGH = -0.5, 2.0
@@ -113,14 +115,21 @@ def _ramp(start, steps=8):
 
 
 def _cycle(pipeline, state, t_obs, t_ready, measured=None):
-    return pipeline.cycle(Observation(images=[], state=np.asarray(state, float),
-                                      instruction="go"), t_obs, lambda: t_ready,
-                          measured=None if measured is None else lambda: measured)
+    """The pipeline's stages as the policy loop runs them: prepare, infer, decode, schedule."""
+    observation = Observation(images=[], state=np.asarray(state, float), instruction="go")
+    chunk = pipeline.infer(observation, pipeline.prepare(observation, t_obs))
+    return pipeline.schedule(chunk, pipeline.decode(chunk, observation), observation, t_obs,
+                             lambda: t_ready,
+                             measured=None if measured is None else lambda: measured)
+
+
+def _pipeline(runtime, embodiment=None, notify=None, **settings):
+    return PolicyPipeline(runtime, embodiment or TOY, PolicyConfig(**settings), notify=notify)
 
 
 def test_blend_mode_sends_no_prefix():
     runtime = ScriptedRuntime([_ramp(0.0), _ramp(0.2)])
-    pipeline = PolicyPipeline(runtime, TOY, chunk_transition="blend")
+    pipeline = _pipeline(runtime, TOY, chunk_transition="blend")
     _cycle(pipeline, [0.0, 0.0, 0.04], 10.0, 10.05)
     _cycle(pipeline, [0.2, -0.2, 0.04], 10.4, 10.45)
     assert runtime.prefixes == [None, None]
@@ -128,7 +137,7 @@ def test_blend_mode_sends_no_prefix():
 
 def test_rtc_prefix_is_the_executing_plan_with_the_measured_latency_frozen():
     runtime = ScriptedRuntime([_ramp(0.0), _ramp(0.2) + [0.03, 0.03, 0.0], _ramp(0.4)])
-    pipeline = PolicyPipeline(runtime, TOY, chunk_transition="rtc", blend_steps=3)
+    pipeline = _pipeline(runtime, TOY, chunk_transition="rtc", blend_steps=3)
     _cycle(pipeline, [0.0, 0.0, 0.04], 10.0, 10.25)      # 0.25 s from observation to plan
     assert runtime.prefixes == [None]
     old = pipeline.scheduler.plan
@@ -158,7 +167,7 @@ def test_ee_delta_prefix_decodes_back_to_the_executing_joint_plan():
     targets[3:, 6] = widowx.gripper_closed_position
     from twinbrain_ros.policy.scheduler import Plan
 
-    pipeline = PolicyPipeline(ScriptedRuntime([]), widowx, chunk_transition="rtc")
+    pipeline = _pipeline(ScriptedRuntime([]), widowx, chunk_transition="rtc")
     pipeline.scheduler.commit(Plan(5.0 + widowx.dt * np.arange(1, 6), targets))
     prefix = pipeline.prepare(Observation(images=[], state=state, instruction="go"), 5.0)
     assert prefix.actions.shape == (5, 7)
@@ -169,8 +178,8 @@ def test_ee_delta_prefix_decodes_back_to_the_executing_joint_plan():
 
 def test_a_displaced_arm_resets_the_plan_but_fingers_on_an_object_do_not():
     notes = []
-    pipeline = PolicyPipeline(ScriptedRuntime([_ramp(0.0)] * 4), TOY, blend_steps=3,
-                              notify=lambda cause, text: notes.append((cause, text)))
+    pipeline = _pipeline(ScriptedRuntime([_ramp(0.0)] * 4), TOY, blend_steps=3,
+                         notify=lambda cause, text: notes.append((cause, text)))
     _cycle(pipeline, [0.0, 0.0, 0.04], 10.0, 10.05)
     # Close the gripper in the plan, as a grasp does.
     pipeline.scheduler.plan.positions[:, 2] = 0.0
@@ -193,7 +202,7 @@ def test_a_displaced_arm_resets_the_plan_but_fingers_on_an_object_do_not():
     lagging = pipeline.scheduler.commanded_position(10.3) - [0.2, -0.2, 0.0]
     blended = _cycle(pipeline, lagging, 10.3, 10.35)
     assert pipeline.divergences == 1
-    alone = _cycle(PolicyPipeline(ScriptedRuntime([_ramp(0.0)]), TOY, blend_steps=3), lagging,
+    alone = _cycle(_pipeline(ScriptedRuntime([_ramp(0.0)]), TOY, blend_steps=3), lagging,
                    10.3, 10.35)
     assert not np.allclose(blended.trajectory.positions[:3], alone.trajectory.positions[:3])
     # An arm pushed away by hand: the plan is forgotten and the next chunk starts afresh (no
@@ -201,7 +210,7 @@ def test_a_displaced_arm_resets_the_plan_but_fingers_on_an_object_do_not():
     displaced = pipeline.scheduler.commanded_position(10.6) + [0.5, 0.0, 0.0]
     fresh = _cycle(pipeline, displaced, 10.6, 10.65)
     assert pipeline.divergences == 2 and "shoulder" in pipeline.last_divergence
-    reference = PolicyPipeline(ScriptedRuntime([_ramp(0.0)]), TOY, blend_steps=3)
+    reference = _pipeline(ScriptedRuntime([_ramp(0.0)]), TOY, blend_steps=3)
     alone = _cycle(reference, displaced, 10.6, 10.65)   # the same chunk with no plan at all
     np.testing.assert_allclose(fresh.trajectory.positions, alone.trajectory.positions)
     np.testing.assert_allclose(fresh.trajectory.velocities, alone.trajectory.velocities)
@@ -212,7 +221,7 @@ def test_an_rtc_chunk_for_a_plan_the_robot_left_meanwhile_is_refused():
     from twinbrain_ros.policy.pipeline import ChunkRejected
 
     runtime = ScriptedRuntime([_ramp(0.0), _ramp(0.2)])
-    pipeline = PolicyPipeline(runtime, TOY, chunk_transition="rtc")
+    pipeline = _pipeline(runtime, TOY, chunk_transition="rtc")
     _cycle(pipeline, [0.0, 0.0, 0.04], 10.0, 10.05)
     plan = pipeline.scheduler.plan
     # Observed on the plan (the chunk is inpainted from it), pushed away while the model ran:
@@ -225,17 +234,17 @@ def test_an_rtc_chunk_for_a_plan_the_robot_left_meanwhile_is_refused():
 
 
 def test_without_plan_tracking_a_dry_run_keeps_its_plan():
-    pipeline = PolicyPipeline(ScriptedRuntime([_ramp(0.0)] * 2), TOY, chunk_transition="rtc")
+    pipeline = _pipeline(ScriptedRuntime([_ramp(0.0)] * 2), TOY, chunk_transition="rtc")
     pipeline.track_plan = False  # nothing moves the robot: it never follows the plan
     _cycle(pipeline, [0.0, 0.0, 0.04], 10.0, 10.05)
     _cycle(pipeline, [0.0, 0.0, 0.04], 10.6, 10.65)
     assert pipeline.divergences == 0 and pipeline.runtime.prefixes[1] is not None
 
 
-# -- evaluation: inference delay, motion metrics, recordings, the plot -------------------------
+# -- evaluation: inference delay, motion metrics, rerun logs, the plot -------------------------
 
 
-def _recorded(path, entity: str) -> list[list[float]]:
+def _logged(path, entity: str) -> list[list[float]]:
     """The scalar rows logged at `entity` in a rerun file."""
     from rerun.chunk import RrdReader
 
@@ -249,10 +258,10 @@ def _recorded(path, entity: str) -> list[list[float]]:
 
 
 @pytest.mark.slow
-def test_evaluate_delays_inference_records_each_episode_and_reports_motion(tiny_backbones,
+def test_evaluate_delays_inference_logs_each_episode_and_reports_motion(tiny_backbones,
                                                                            tmp_path, capsys):
     pytest.importorskip("mujoco", reason="the WidowX MuJoCo backend needs mujoco")
-    pytest.importorskip("rerun", reason="recordings need rerun-sdk")
+    pytest.importorskip("rerun", reason="rerun logs need rerun-sdk")
     from helpers import save_policy_checkpoint
     from rerun.chunk import RrdReader
 
@@ -264,12 +273,12 @@ def test_evaluate_delays_inference_records_each_episode_and_reports_motion(tiny_
     code = main(["--transport", "inprocess", "--embodiment", "widowx", "--tasks", "pick_cube",
                  "--episodes", "2", "--seed", "3", "--checkpoint", str(checkpoint),
                  "--device", "cpu", "--image-size", "64", "--out", str(out),
-                 "--chunk-transition", "rtc", "--inference-delay", "0.5", "--record"])
+                 "--chunk-transition", "rtc", "--inference-delay", "0.5", "--rerun"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "boundary velocity jump" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["inference_delay_s"] == 0.5
+    assert results["config"]["loop"]["inference_delay_s"] == 0.5
     for episode in results["episodes"]:
         motion = episode["motion"]
         assert set(motion) >= {"max_acceleration", "max_jerk", "boundary_velocity_jump",
@@ -277,14 +286,14 @@ def test_evaluate_delays_inference_records_each_episode_and_reports_motion(tiny_
         assert motion["boundaries"] > 0 and motion["max_jerk"] > 0
     assert set(results["summary"]["motion"]) >= {"boundary_velocity_jump", "max_jerk"}
     assert (out / "motion.png").stat().st_size > 10_000
-    recordings = sorted((out / "recordings").glob("*.rrd"))
-    assert [p.name for p in recordings] == ["pick_cube_seed3.rrd", "pick_cube_seed4.rrd"]
-    paths = set(RrdReader(str(recordings[0])).store().schema().entity_paths())
+    logs = sorted((out / "rerun").glob("*.rrd"))
+    assert [p.name for p in logs] == ["pick_cube_seed3.rrd", "pick_cube_seed4.rrd"]
+    paths = set(RrdReader(str(logs[0])).store().schema().entity_paths())
     assert {"/instruction", "/camera/0", "/joints/measured", "/joints/sent", "/chunks/0000",
             "/chunks/0001", "/timing/inference_latency_s",
             "/timing/observation_to_plan_s"} <= paths
     # Every chunk was ready half a second (of simulated time) after its observation.
-    delays = [row[0] for row in _recorded(recordings[0], "/timing/observation_to_plan_s")]
+    delays = [row[0] for row in _logged(logs[0], "/timing/observation_to_plan_s")]
     assert len(delays) >= 2 and np.allclose(delays, 0.5, atol=0.01)
 
 
@@ -303,44 +312,54 @@ class FailingOnce:
         return ActionChunk(actions=_ramp(float(observation.state[0])), latency_s=0.01)
 
 
-def test_rollout_delays_chunks_and_records_holds(tmp_path):
-    pytest.importorskip("rerun", reason="recordings need rerun-sdk")
+class StillRobot:
+    """A stand-in robot for the policy loop: a settable clock, joints that stay, what was sent."""
+
+    def __init__(self):
+        self.time, self.sent = 2.0, []
+
+    def now(self):
+        return self.time
+
+    def observe(self):
+        return Snapshot(Observation(images=[np.zeros((4, 4, 3), np.uint8)],
+                                    state=np.array([0.0, 0.0, 0.04]), instruction="go"),
+                        self.time)
+
+    def measured(self, max_age=None):
+        return np.array([0.0, 0.0, 0.04])
+
+    def send(self, trajectory):
+        self.sent.append((self.time, trajectory.is_hold))
+        return True
+
+
+def test_the_loop_delays_chunks_and_logs_holds_with_their_cause(tmp_path):
+    pytest.importorskip("rerun", reason="rerun logs need rerun-sdk")
     from rerun.chunk import RrdReader
 
-    from twinbrain_ros.policy.recording import CycleRecorder
-    from twinbrain_ros.sim.rollout import _deliver, _start_cycle
+    from twinbrain_ros.policy.cycle_log import CycleLogs
+    from twinbrain_ros.policy.loop import PolicyLoop
 
-    # The rollout's cycle on a stand-in robot clock: a chunk observed at t is joined into the
-    # plan `delay` later; a failed one holds and is recorded as a hold with its cause.
-    class Robot:
-        def __init__(self):
-            self.time, self.sent = 2.0, []
-            self.backend = type("B", (), {"embodiment": TOY,
-                                          "joint_state": lambda b: (np.array([0.0, 0.0, 0.04]),
-                                                                    None)})()
-
-        def send(self, names, times, positions):
-            self.sent.append((self.time, np.asarray(positions)))
-
-    from twinbrain_ros.sim.motion import MotionLog
-    from twinbrain_ros.sim.rollout import EpisodeRecord
-
-    pipeline = PolicyPipeline(FailingOnce(), TOY)
-    robot, recorder = Robot(), CycleRecorder(tmp_path / "episode.rrd", TOY.joint_names)
-    result = EpisodeRecord(episode=None, motion=MotionLog.for_embodiment(TOY))
-    episode = type("E", (), {"instruction": "go"})()
-    for start in (2.0, 3.0):
-        robot.time = start
-        pending = _start_cycle(pipeline, robot, [np.zeros((4, 4, 3), np.uint8)],
-                               np.array([0.0, 0.0, 0.04]), episode, 0.3, recorder)
-        assert pending.ready == pytest.approx(start + 0.3)
-        robot.time = pending.ready
-        _deliver(pipeline, robot, pending, result, recorder)
-    recorder.close()
-    assert result.trajectories == 1 and result.holds == 1
-    assert result.hold_causes == {"RuntimeError": 1}
-    assert [t for t, _ in robot.sent] == [pytest.approx(2.3), pytest.approx(3.3)]
+    # A chunk observed at t is joined into the plan `inference_delay_s` later on the loop's
+    # clock; the next cycle starts a replanning period after the last one began. A cycle
+    # whose model fails holds at once and is logged as a hold with its cause.
+    pipeline = _pipeline(FailingOnce(), TOY)
+    robot = StillRobot()
+    logs = CycleLogs(TOY.joint_names, path_for=lambda *_: tmp_path / "episode.rrd")
+    config = PolicyConfig(inference_delay_s=0.3, actions_per_inference=4)
+    loop = PolicyLoop(pipeline, config, robot, logs=logs)
+    assert loop.tick() == pytest.approx(2.3) and robot.sent == []   # inferred, not yet due
+    robot.time = 2.2
+    assert loop.tick() == pytest.approx(2.3) and robot.sent == []
+    robot.time = 2.3
+    assert loop.tick() == pytest.approx(2.0 + 4 * TOY.dt)           # delivered
+    robot.time = 2.0 + 4 * TOY.dt
+    assert loop.tick() == pytest.approx(robot.time + TOY.dt)        # failed: retried soon
+    loop.close()
+    assert robot.sent == [(pytest.approx(2.3), False), (pytest.approx(2.0 + 4 * TOY.dt), True)]
+    assert loop.failures == {"inference_error": 1} and loop.holds == 1
+    assert loop.last_error == "inference_error: model exploded"
     assert pipeline.latencies[0] == pytest.approx(0.3)
     paths = set(RrdReader(str(tmp_path / "episode.rrd")).store().schema().entity_paths())
     assert {"/events/holds", "/chunks/0000", "/joints/sent", "/camera/0"} <= paths
-    assert result.motion.sent == [(pytest.approx(2.3), False), (pytest.approx(3.3), True)]

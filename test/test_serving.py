@@ -145,9 +145,9 @@ def test_refused_tokens_and_bad_messages_get_errors_while_another_client_is_serv
 
 @pytest.mark.serial  # four requests within the 200 ms batching window
 def test_concurrent_robots_are_batched_and_each_gets_its_own_chunk(checkpoints):
-    from twinbrain_ros.model.rtc import ChunkPrefix
     from twinbrain_ros.serving.client import RemoteRuntime
     from twinbrain_ros.serving.server import PolicyServer
+    from twinbrain_ros.transforms.rtc import ChunkPrefix
 
     server = PolicyServer(str(checkpoints["gr1"]), device="cpu", port=0, max_batch=4,
                           max_wait_ms=200.0, log=lambda text: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinbrain_ros.sim.evaluation import format_table, summarize
+from twinbrain_ros.evaluation.results import format_table, summarize
 from twinbrain_ros.sim.follower import TrajectoryError, TrajectoryFollower
 
 NAMES = ["a", "b", "gripper"]

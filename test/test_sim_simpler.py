@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 
+from twinbrain_ros.evaluation.results import summarize
+from twinbrain_ros.evaluation.tables import format_simpler_table
 from twinbrain_ros.sim import SimError, make_backend
-from twinbrain_ros.sim.evaluation import format_simpler_table, summarize
 from twinbrain_ros.sim.rollout import run_episode
 
 pytestmark = pytest.mark.slow

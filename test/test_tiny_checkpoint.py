@@ -8,7 +8,7 @@ from helpers import FAMILIES, camera_frame
 
 from twinbrain_ros.model.backbone import BackboneError, QwenVLProcessor, load_vlm
 from twinbrain_ros.model.presets import backbone_config
-from twinbrain_ros.model.tiny import main as make_tiny_main
+from twinbrain_ros.tools.make_tiny_checkpoint import main as make_tiny_main
 
 
 @pytest.mark.parametrize("family", FAMILIES)

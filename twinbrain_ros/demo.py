@@ -180,9 +180,9 @@ def lift_rate(episodes: list[dict]) -> float:
 
 def run_demo(cfg: DemoConfig, out: Path) -> dict:
     """Run the four stages; returns the summary that is also written to summary.json."""
+    from .evaluation.config import EvaluationConfig
     from .model.tiny import make_tiny_checkpoint
     from .ros.evaluate import evaluate
-    from .sim.evaluation import EvaluationConfig
     from .sim.record import record_demonstrations
     from .train import TrainConfig, train
 

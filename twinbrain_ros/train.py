@@ -279,35 +279,35 @@ class StepBatchSampler:
 
 
 class Collator:
-    """Samples -> processed model inputs with normalized, padded states and actions."""
+    """Samples -> processed model inputs with normalized, padded states and actions.
 
-    def __init__(self, processor, norm_stats: dict, max_state_dim: int, max_action_dim: int):
-        """Use the model's processor and the run's normalization statistics."""
-        self.processor = processor
-        self.norm_stats = norm_stats
-        self.max_state_dim, self.max_action_dim = max_state_dim, max_action_dim
+    The states and actions go through the model's own `EmbodimentTransforms`, as at inference.
+    """
+
+    def __init__(self, model: TwinBrainVLA):
+        """Use the model's processor, sizes and normalization statistics."""
+        self.processor = model.processor
+        self.transforms = {name: model.transforms(name) for name in model.config.embodiments}
 
     def __call__(self, samples: list[dict]) -> dict:
         """Collate a list of dataset samples."""
         inputs = self.processor([s["images"] for s in samples],
                                 [s["instruction"] for s in samples])
-        batch, horizon = len(samples), samples[0]["actions"].shape[0]
-        state = torch.zeros(batch, self.max_state_dim)
-        state_mask = torch.zeros(batch, self.max_state_dim)
-        actions = torch.zeros(batch, horizon, self.max_action_dim)
-        action_mask = torch.zeros(batch, horizon, self.max_action_dim, dtype=torch.bool)
-        for i, s in enumerate(samples):
-            stats = self.norm_stats[s["embodiment"]]
-            st = stats.state.normalize(s["state"])
-            act = stats.action.normalize(s["actions"])
-            state[i, :len(st)] = torch.from_numpy(st)
-            state_mask[i, :len(st)] = 1.0
-            actions[i, :, :act.shape[1]] = torch.from_numpy(act)
-            action_mask[i, :, :act.shape[1]] = torch.from_numpy(
-                np.asarray(s["action_mask"], dtype=bool))[:, None]
-        return {"inputs": inputs, "state": state, "state_mask": state_mask,
-                "embodiments": [s["embodiment"] for s in samples], "actions": actions,
-                "action_mask": action_mask}
+        states, state_masks, actions, action_masks = [], [], [], []
+        for s in samples:
+            transforms = self.transforms[s["embodiment"]]
+            state, state_mask = transforms.state(s["state"])
+            states.append(state)
+            state_masks.append(state_mask)
+            actions.append(transforms.actions(s["actions"]))
+            # Real action dims at the chunk's valid steps (the episode's end pads the rest).
+            dims = np.arange(transforms.max_action_dim) < transforms.spec.action_dim
+            action_masks.append(np.asarray(s["action_mask"], dtype=bool)[:, None] & dims)
+        return {"inputs": inputs, "state": torch.from_numpy(np.stack(states)),
+                "state_mask": torch.from_numpy(np.stack(state_masks)),
+                "embodiments": [s["embodiment"] for s in samples],
+                "actions": torch.from_numpy(np.stack(actions)),
+                "action_mask": torch.from_numpy(np.stack(action_masks))}
 
 
 def build_data(config: TrainConfig):
@@ -616,8 +616,7 @@ def train(config: TrainConfig) -> Path | None:
     sampler = StepBatchSampler(config.batch_size, dist, start, config.steps)
     loader = torch.utils.data.DataLoader(
         mixture, batch_sampler=sampler, num_workers=config.num_workers,
-        collate_fn=Collator(model.processor, norm_stats, config.max_state_dim,
-                            config.max_action_dim),
+        collate_fn=Collator(model),
         persistent_workers=config.num_workers > 0,
         # Fresh worker processes: forking after torch's and libav's threads started can hang.
         multiprocessing_context="spawn" if config.num_workers > 0 else None)

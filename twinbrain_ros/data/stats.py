@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..model.normalization import EmbodimentNormStats, NormStats
+from ..transforms.normalization import EmbodimentNormStats, NormStats
 from .lerobot import LeRobotDataset
 
 

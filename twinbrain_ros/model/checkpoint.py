@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..transforms.normalization import EmbodimentNormStats
 from .backbone import BackboneError, QwenVLProcessor, load_vlm, read_backbone_config
-from .normalization import EmbodimentNormStats
 from .twinbrain import TwinBrainConfig, TwinBrainVLA
 
 CONFIG_FILE = "twinbrain_config.json"

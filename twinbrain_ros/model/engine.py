@@ -211,17 +211,8 @@ class InferenceEngine:
         if len(images) != self.num_cameras:
             raise ValueError(f"the engine was built for {self.num_cameras} camera(s), got "
                              f"{len(images)} images")
-        if embodiment not in model.config.embodiments:
-            raise KeyError(f"unknown embodiment {embodiment!r}; the model knows "
-                           f"{sorted(model.config.embodiments)}")
-        spec = model.config.embodiments[embodiment]
-        stats = model.norm_stats[embodiment]
-        state = np.asarray(state, dtype=np.float32)
-        if state.shape != (spec.state_dim,):
-            raise ValueError(f"embodiment {embodiment!r} expects a state of shape "
-                             f"({spec.state_dim},), got {state.shape}")
-        if not np.isfinite(state).all():
-            raise ValueError("state contains non-finite values")
+        transforms = model.transforms(embodiment)
+        padded, mask = model.state_tensors([state], embodiment)
         timer = timer or NULL_TIMER
         with timer("preprocess"):
             inputs = model.processor([list(images)], [instruction])
@@ -232,7 +223,6 @@ class InferenceEngine:
             input_ids = torch.cat([torch.full((1, pad), model.processor.pad_token_id,
                                               dtype=inputs.input_ids.dtype), inputs.input_ids],
                                   dim=1)
-            padded, mask = model.pad_state(stats.state.normalize(state)[None])
             device, dtype = self.device, model.dtype
             if noise is None:
                 generator = (torch.Generator(device=device).manual_seed(seed)
@@ -240,18 +230,14 @@ class InferenceEngine:
                 expert = model.config.action_expert
                 noise = torch.randn((1, expert.horizon, expert.action_dim), device=device,
                                     dtype=torch.float32, generator=generator)
-            guided = model.prefix_tensors([prefix], embodiment, 1)
-            if guided is None:
-                expert = model.config.action_expert
-                guided = (torch.zeros(1, expert.horizon, expert.action_dim),) * 2
+            guide, weights = (torch.from_numpy(a)[None] for a in transforms.prefix(prefix))
             args = (input_ids.to(device), inputs.pixel_values.to(device, dtype),
                     *(t.to(device) for t in layout),
                     padded.to(device), mask.to(device), noise.to(device),
-                    guided[0].to(device), guided[1].to(device))
+                    guide.to(device), weights.to(device))
         with timer("model"):
             chunk = self._run(bucket, embodiment, args)
-        chunk = chunk[0, :, :spec.action_dim].float().cpu().numpy()
-        return stats.action.unnormalize(chunk)
+        return transforms.output(chunk[0].float().cpu().numpy())
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -28,34 +28,19 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..transforms import (
+    ChunkPrefix,
+    EmbodimentNormStats,
+    EmbodimentSpec,
+    EmbodimentTransforms,
+    NormStats,
+)
 from .action_expert import ActionExpertConfig, FlowMatchingActionExpert
 from .backbone import QwenVLBackbone, QwenVLProcessor, VisionLanguageInputs, load_vlm
-from .normalization import EmbodimentNormStats, NormStats
-from .rtc import ChunkPrefix, rtc_weights
 from .timing import NULL_TIMER
 
 BRAIN_MODES = ("twin", "single")
 LEFT_VISIBILITY = ("all", "causal")
-
-
-@dataclass
-class EmbodimentSpec:
-    """What the model needs to know of an embodiment, and the robot it was trained for.
-
-    The names travel with the checkpoint so that a robot whose joints are named or ordered
-    differently is refused (`twinbrain_ros.policy.contract.check_contract`); they are empty in
-    checkpoints written before they were recorded.
-    """
-
-    state_dim: int
-    action_dim: int
-    action_space: str = "joint_position"   # or "ee_delta" (Bridge: xyz + rpy deltas, gripper)
-    state_space: str = "joint_position"
-    robot: str = ""                        # the embodiment's name
-    joint_names: list[str] = field(default_factory=list)    # state order
-    action_names: list[str] = field(default_factory=list)   # action vector entries
-    num_cameras: int = 0                   # images per observation (0: not recorded)
-    control_rate_hz: float = 0.0           # rate of the chunk's actions (0: not recorded)
 
 
 @dataclass
@@ -408,15 +393,29 @@ class TwinBrainVLA(nn.Module):
 
     # -- one observation, raw units ------------------------------------------------------------
 
-    def pad_state(self, state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-pad normalized states (..., d) to max_state_dim; returns (state, mask)."""
-        state = torch.as_tensor(np.asarray(state, dtype=np.float32))
-        dim = state.shape[-1]
-        padded = torch.zeros(*state.shape[:-1], self.config.max_state_dim)
-        padded[..., :dim] = state
-        mask = torch.zeros_like(padded)
-        mask[..., :dim] = 1.0
-        return padded, mask
+    def transforms(self, embodiment: str) -> EmbodimentTransforms:
+        """The embodiment's transforms into and out of this model (see `transforms`).
+
+        Raises:
+            KeyError: the model has no such embodiment.
+        """
+        if embodiment not in self.config.embodiments:
+            raise KeyError(f"unknown embodiment {embodiment!r}; the model knows "
+                           f"{sorted(self.config.embodiments)}")
+        expert = self.config.action_expert
+        return EmbodimentTransforms(embodiment, self.config.embodiments[embodiment],
+                                    self.norm_stats[embodiment], self.config.max_state_dim,
+                                    expert.action_dim, expert.horizon)
+
+    def state_tensors(self, states, embodiment: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_state_dim) normalized, padded states and masks from B raw states.
+
+        Raises:
+            ValueError: a state of the wrong shape or not finite.
+        """
+        transforms = self.transforms(embodiment)
+        padded, masks = zip(*(transforms.state(state) for state in states), strict=True)
+        return torch.from_numpy(np.stack(padded)), torch.from_numpy(np.stack(masks))
 
     @torch.no_grad()
     def predict_action(self, images: list[np.ndarray], instruction: str, state: np.ndarray,
@@ -452,29 +451,16 @@ class TwinBrainVLA(nn.Module):
         """
         if self.processor is None:
             raise RuntimeError("this model has no processor (built without a checkpoint dir)")
-        if embodiment not in self.config.embodiments:
-            raise KeyError(f"unknown embodiment {embodiment!r}; the model knows "
-                           f"{sorted(self.config.embodiments)}")
+        transforms = self.transforms(embodiment)
         if not (len(images) == len(instructions) == len(states) == len(seeds)) or not images:
             raise ValueError("images, instructions, states and seeds must be equally long and "
                              "non-empty")
-        spec = self.config.embodiments[embodiment]
-        stats = self.norm_stats[embodiment]
-        normalized = []
-        for state in states:
-            state = np.asarray(state, dtype=np.float32)
-            if state.shape != (spec.state_dim,):
-                raise ValueError(f"embodiment {embodiment!r} expects a state of shape "
-                                 f"({spec.state_dim},), got {state.shape}")
-            if not np.isfinite(state).all():
-                raise ValueError("state contains non-finite values")
-            normalized.append(stats.state.normalize(state))
+        padded, mask = self.state_tensors(states, embodiment)
         timer = timer or NULL_TIMER
         device = self.device
         with timer("preprocess"):
             inputs = self.processor([list(sample) for sample in images], list(instructions))
             inputs = self.right.with_positions(inputs).to(device, self.dtype)
-            padded, mask = self.pad_state(np.stack(normalized))
         expert = self.config.action_expert
         shape = (1, expert.horizon, expert.action_dim)
         noise = torch.cat([
@@ -488,9 +474,7 @@ class TwinBrainVLA(nn.Module):
                                      **({} if guided is None else
                                         {"prefix": guided[0].to(device),
                                          "prefix_weights": guided[1].to(device)}))
-        chunks = chunks[:, :, :spec.action_dim].float().cpu().numpy()
-        return [stats.action.unnormalize(chunk) for chunk in chunks]
-
+        return [transforms.output(chunk) for chunk in chunks.float().cpu().numpy()]
 
     def prefix_tensors(self, prefixes: list[ChunkPrefix | None] | None, embodiment: str,
                        batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -502,20 +486,6 @@ class TwinBrainVLA(nn.Module):
             return None
         if len(prefixes) != batch:
             raise ValueError(f"{len(prefixes)} prefixes for {batch} observations")
-        spec = self.config.embodiments[embodiment]
-        stats = self.norm_stats[embodiment]
-        expert = self.config.action_expert
-        values = torch.zeros(batch, expert.horizon, expert.action_dim)
-        weights = torch.zeros(batch, expert.horizon, expert.action_dim)
-        for i, prefix in enumerate(prefixes):
-            if prefix is None:
-                continue
-            if prefix.actions.shape[1] != spec.action_dim:
-                raise ValueError(f"embodiment {embodiment!r} has {spec.action_dim} action "
-                                 f"dims; the prefix has {prefix.actions.shape[1]}")
-            overlap = min(len(prefix.actions), expert.horizon)
-            values[i, :overlap, :spec.action_dim] = torch.from_numpy(
-                stats.action.normalize(prefix.actions[:overlap]).astype(np.float32))
-            ramp = rtc_weights(expert.horizon, prefix.frozen, overlap, prefix.schedule)
-            weights[i, :, :spec.action_dim] = torch.from_numpy(ramp)[:, None]
-        return values, weights
+        transforms = self.transforms(embodiment)
+        values, weights = zip(*(transforms.prefix(prefix) for prefix in prefixes), strict=True)
+        return torch.from_numpy(np.stack(values)), torch.from_numpy(np.stack(weights))

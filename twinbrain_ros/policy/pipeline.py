@@ -1,7 +1,9 @@
-"""One control cycle without ROS: observation -> model -> joint targets -> schedule -> safety.
+"""The stages of one control cycle: observation -> model -> joint targets -> plan -> safety.
 
-The ROS node feeds it snapshots and publishes what it returns; evaluation loops and tests use it
-directly.
+`prepare` (the rtc prefix, a plan the robot left), `infer` (the model), `decode` (the action
+space: inverse kinematics for end-effector deltas), `schedule` (join the executing plan, check
+it, make the trajectory) and `hold`. The policy loop (`twinbrain_ros.policy.loop`) runs them,
+in the ROS node and in evaluations alike.
 
 Chunk transitions (`chunk_transition`):
 
@@ -26,7 +28,7 @@ is refused (`plan_left`: the caller holds) and the next cycle samples afresh. Wi
 
 from __future__ import annotations
 
-__all__ = ["CHUNK_TRANSITIONS", "ChunkRejected", "CycleResult", "PolicyPipeline"]
+__all__ = ["ChunkRejected", "CycleResult", "PolicyPipeline"]
 
 import dataclasses
 import math
@@ -36,15 +38,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model.rtc import RTC_SCHEDULES, ChunkPrefix
 from ..robot.action_spaces import ChunkRejected
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
+from ..transforms.rtc import ChunkPrefix
+from .config import PolicyConfig
 from .contract import ActionChunk
 from .safety import SafetyFilter, hold_trajectory
 from .scheduler import ActionChunkScheduler, Trajectory
-
-CHUNK_TRANSITIONS = ("blend", "rtc")
 
 
 @dataclass
@@ -61,9 +62,8 @@ class CycleResult:
 class PolicyPipeline:
     """Runs the model on snapshots and keeps the executing plan smooth and safe."""
 
-    def __init__(self, runtime, embodiment: Embodiment, blend_steps: int = 3,
-                 actions=None, chunk_transition: str = "blend", rtc_schedule: str = "exp",
-                 latency_percentile: float = 95.0, latency_window: int = 50,
+    def __init__(self, runtime, embodiment: Embodiment, config: PolicyConfig | None = None,
+                 actions=None, latency_percentile: float = 95.0, latency_window: int = 50,
                  notify: Callable[[str, str], None] | None = None):
         """Schedule and check the chunks `runtime` infers.
 
@@ -71,29 +71,23 @@ class PolicyPipeline:
             runtime: anything with `infer(Observation, prefix=None) -> ActionChunk` (a
                 `PolicyRuntime` or `RemoteRuntime`; `prefix` is passed only in rtc mode).
             embodiment: the robot.
-            blend_steps: points of a new chunk cross-faded with the executing plan (blend).
+            config: `blend_steps`, `chunk_transition` and `rtc_schedule` (the defaults of
+                `PolicyConfig` when None).
             actions: the action space decoding chunks (default: the embodiment's own).
-            chunk_transition: ``blend`` or ``rtc`` (see the module docstring).
-            rtc_schedule: the inpainting weights over the overlap (`rtc_weights`).
             latency_percentile: the percentile of recent latencies that sizes the frozen prefix.
             latency_window: how many recent cycles that percentile is taken over.
             notify: called with (cause, message) when the plan is forgotten because the
                 robot left it.
         """
-        if chunk_transition not in CHUNK_TRANSITIONS:
-            raise ValueError(f"chunk_transition must be one of {CHUNK_TRANSITIONS}, got "
-                             f"{chunk_transition!r}")
-        if rtc_schedule not in RTC_SCHEDULES:
-            raise ValueError(f"rtc_schedule must be one of {RTC_SCHEDULES}, got "
-                             f"{rtc_schedule!r}")
+        config = config or PolicyConfig()
         self.runtime = runtime
         self.embodiment = embodiment
         self.actions = actions or embodiment.actions
-        self.scheduler = ActionChunkScheduler(embodiment.dt, blend_steps)
+        self.scheduler = ActionChunkScheduler(embodiment.dt, config.blend_steps)
         self.safety = SafetyFilter(embodiment.lower, embodiment.upper, embodiment.max_step,
                                    embodiment.dt)
-        self.chunk_transition = chunk_transition
-        self.rtc_schedule = rtc_schedule
+        self.chunk_transition = config.chunk_transition
+        self.rtc_schedule = config.rtc_schedule
         self.latency_percentile = float(latency_percentile)
         self.latencies: deque[float] = deque(maxlen=max(1, int(latency_window)))
         self.tolerance = embodiment.tracking_tolerance
@@ -102,28 +96,6 @@ class PolicyPipeline:
         self.last_divergence = ""
         self.notify = notify
         self.track_plan = True
-
-    def cycle(self, observation: Observation, observation_time: float,
-              clock: Callable[[], float],
-              measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
-        """Prepare, infer, convert, schedule and check one chunk.
-
-        Args:
-            observation: the snapshot (state in `embodiment.joint_names` order).
-            observation_time: when the snapshot's joint state was taken (clock seconds).
-            clock: returns the current time on the same clock, read after inference.
-            measured: returns the newest measured joint position, read after inference (the
-                trajectory starts from it); None uses the observation's state.
-
-        Raises:
-            ChunkRejected: when the chunk must not be executed (non-finite output, failed
-                inverse kinematics, all actions already past); the caller holds still.
-            StateOutOfRange: the observed or measured state is outside the joint limits.
-            Exception: whatever the model raised.
-        """
-        prefix = self.prepare(observation, observation_time)
-        chunk = self.infer(observation, prefix)
-        return self.plan(chunk, observation, observation_time, clock, measured)
 
     def expected_latency(self) -> float:
         """Seconds from observation to plan ready: the running high percentile (0 at first)."""
@@ -202,13 +174,6 @@ class PolicyPipeline:
             raise ChunkRejected("non_finite_actions", "the model returned non-finite actions")
         return chunk
 
-    def plan(self, chunk: ActionChunk, observation: Observation, observation_time: float,
-             clock: Callable[[], float],
-             measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
-        """Turn a chunk into the executing plan and the trajectory to publish (see `cycle`)."""
-        targets = self.decode(chunk, observation)
-        return self.schedule(chunk, targets, observation, observation_time, clock, measured)
-
     def decode(self, chunk: ActionChunk, observation: Observation) -> np.ndarray:
         """The chunk's joint targets (inverse kinematics for end-effector actions)."""
         return self.actions.decode(chunk.actions, observation.state)
@@ -217,6 +182,21 @@ class PolicyPipeline:
                  observation_time: float, clock: Callable[[], float],
                  measured: Callable[[], np.ndarray] | None = None) -> CycleResult:
         """Merge decoded targets into the executing plan, check them, make the trajectory.
+
+        Args:
+            chunk: the model's chunk (`frozen` set when it was inferred with an rtc prefix).
+            targets: its joint targets (`decode`).
+            observation: the snapshot it was inferred from.
+            observation_time: when the snapshot's joint state was taken (clock seconds).
+            clock: returns the current time on the same clock.
+            measured: returns the newest measured joint position (the trajectory starts from
+                it); None uses the observation's state.
+
+        Raises:
+            ChunkRejected: when the chunk must not be executed (failed inverse kinematics
+                upstream, all actions already past, unsafe targets, a plan the robot left);
+                the caller holds still.
+            StateOutOfRange: the measured state is outside the joint limits.
 
         A chunk inferred with an rtc prefix replaces the plan without a cross-fade (it already
         agrees with it). When the robot left the plan while the model ran, a blended chunk is

@@ -10,9 +10,9 @@ import time
 import torch
 
 from ..model.checkpoint import load_checkpoint, read_checkpoint_config
-from ..model.rtc import ChunkPrefix
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
+from ..transforms.rtc import ChunkPrefix
 from .contract import ActionChunk, check_contract
 
 __all__ = ["ActionChunk", "Observation", "PolicyRuntime", "check_compatible", "resolve_device"]

@@ -102,3 +102,10 @@ def hold_trajectory(joint_names: list[str], now: float, position: np.ndarray, dt
     return Trajectory(joint_names=list(joint_names), start_time=now,
                       time_from_start=np.array([dt]), positions=position[None].copy(),
                       velocities=np.zeros((1, len(position))))
+
+
+def within_limits(positions, lower: np.ndarray, upper: np.ndarray) -> bool:
+    """Whether every position is finite and within [lower, upper] (1e-9 of rounding)."""
+    positions = np.asarray(positions, dtype=np.float64)
+    return bool(np.isfinite(positions).all() and np.all(positions >= lower - 1e-9)
+                and np.all(positions <= upper + 1e-9))

@@ -79,11 +79,16 @@ class Trajectory:
     positions: np.ndarray        # (K, n)
     velocities: np.ndarray       # (K, n)
 
+    @property
+    def is_hold(self) -> bool:
+        """A hold: one point, at rest."""
+        return len(self.positions) == 1 and not np.any(self.velocities)
+
 
 class ActionChunkScheduler:
     """Merges each new chunk into the executing plan (drop the past, blend, keep the rest)."""
 
-    def __init__(self, dt: float, blend_steps: int = 3):
+    def __init__(self, dt: float, blend_steps: int):
         """`dt`: control period; `blend_steps`: new points cross-faded with the old plan."""
         if dt <= 0:
             raise ValueError("dt must be positive")

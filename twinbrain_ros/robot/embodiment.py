@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..model.normalization import MODES as NORMALIZATION_MODES
+from ..transforms.normalization import MODES as NORMALIZATION_MODES
 
 ACTION_SPACES = ("joint_position", "ee_delta")
 STATE_SPACES = ("joint_position",)
@@ -227,7 +227,7 @@ class Embodiment:
         Args:
             num_cameras: images per observation (default: one per image topic).
         """
-        from ..model.twinbrain import EmbodimentSpec
+        from ..transforms.spec import EmbodimentSpec
 
         return EmbodimentSpec(
             state_dim=self.state_dim, action_dim=self.action_dim,
@@ -253,8 +253,13 @@ class Embodiment:
         if missing:
             raise EmbodimentError(f"missing embodiment parameters {missing}")
         # ROS array parameters arrive as array.array: make them plain lists.
-        return cls(**{k: v if isinstance(v, (str, int, float, bool)) else list(v)
-                      for k, v in data.items()})
+        robot = cls(**{k: v if isinstance(v, (str, int, float, bool)) else list(v)
+                       for k, v in data.items()})
+        # The file's other entries configure the policy loop for this robot
+        # (`twinbrain_ros.policy.config.PolicyConfig.for_robot`).
+        robot.node_parameters = {k: v for k, v in params.items()
+                                 if k not in names and k != "embodiment"}
+        return robot
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Embodiment:

@@ -15,170 +15,32 @@ joint-state, instruction and trajectory topics a real robot has.
 `--policy checkpoint` (the default with `--checkpoint`) starts the sim bridge and the policy
 node (actuation enabled, simulated time), `--policy expert` starts the bridge with its scripted
 expert, `--policy external` uses nodes that are already running. `--transport inprocess` runs
-the same policy pipeline and trajectory follower in this process instead (no ROS; the
-simulation waits for the model). Results: `results.json` (per episode and summary, with the
-motion metrics of `twinbrain_ros.sim.motion`), a printed table, optionally `success.png` and the
-first episodes as mp4. From Python: `evaluate(EvaluationConfig(...))` returns the summary and
-the episodes.
+the same policy loop and trajectory follower in this process instead (no ROS; the simulation
+waits for the model). Results: `results.json` (per episode and summary, with the motion
+metrics of `twinbrain_ros.evaluation.motion`), a printed table, optionally `success.png` and
+the first episodes as mp4. From Python: `evaluate(EvaluationConfig(...))` returns the summary
+and the episodes.
 
 Motion at realistic latencies: `--chunk-transition blend|rtc` picks how chunks take over,
-`--inference-delay S` adds S seconds to every inference, `--record` writes a rerun recording
-per episode (`out/recordings/`), and in process the first episode's joints are plotted to
+`--inference-delay S` adds S seconds to every inference, `--rerun` writes a rerun log per
+episode (`out/rerun/`), and in process the first episode's joints are plotted to
 `out/motion.png`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
-import threading
-import time
 from pathlib import Path
 
-from ..robot.embodiment import Embodiment, description_file
-from ..sim.evaluation import (
-    POLICIES,
-    TRANSPORTS,
-    EvaluationConfig,
-    EvaluationResult,
-    format_simpler_table,
-    format_table,
-    plot_success,
-    run_inprocess,
-    save_results,
-    write_video,
-)
+from ..evaluation.config import POLICIES, TRANSPORTS, EvaluationConfig, EvaluationResult
+from ..evaluation.results import format_table, plot_success, save_results, write_video
+from ..evaluation.tables import format_simpler_table
+from ..policy.config import CHUNK_TRANSITIONS, PolicyConfig
+from ..robot.embodiment import Embodiment
+from ..transforms.rtc import RTC_SCHEDULES
 
-
-class EpisodeTimeout(RuntimeError):
-    """The bridge did not report an episode's end in time."""
-
-
-class Evaluator:
-    """A ROS node that runs episodes on the sim bridge and collects their outcomes."""
-
-    def __init__(self, embodiment: Embodiment, video_episodes: int = 0):
-        """Create the node, its reset publisher, episode and (for videos) camera subscriptions."""
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import Image
-        from std_msgs.msg import String
-
-        from .conversions import image_to_rgb
-        from .sim_bridge import EPISODE_TOPIC, EVENT_QOS, RESET_TOPIC
-
-        self._rclpy = rclpy
-        self._string = String
-        self._image_to_rgb = image_to_rgb
-        self.embodiment = embodiment
-        self.node = rclpy.create_node("evaluate")
-        self.reset_publisher = self.node.create_publisher(String, RESET_TOPIC, 10)
-        self._events: list[dict] = []
-        self._cond = threading.Condition()
-        self.node.create_subscription(String, EPISODE_TOPIC, self._on_event, EVENT_QOS)
-        self.video_episodes = video_episodes
-        self._recording: list | None = None
-        if video_episodes > 0:
-            self.node.create_subscription(Image, embodiment.image_topics[0], self._on_image,
-                                          qos_profile_sensor_data)
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        self._spin = threading.Thread(target=self._spin_loop, daemon=True)
-        self._spin.start()
-
-    def _spin_loop(self) -> None:
-        while self._rclpy.ok():
-            try:
-                self.executor.spin_once(timeout_sec=0.1)
-            except Exception:  # noqa: BLE001 - shutting down
-                break
-
-    def _on_event(self, msg) -> None:
-        try:
-            event = json.loads(msg.data)
-        except ValueError:
-            return
-        with self._cond:
-            self._events.append(event)
-            self._cond.notify_all()
-
-    def _on_image(self, msg) -> None:
-        frames = self._recording
-        if frames is not None:
-            try:
-                frames.append(self._image_to_rgb(msg))
-            except ValueError:
-                pass
-
-    def wait_for_bridge(self, timeout_s: float, need_policy: bool, processes=()) -> None:
-        """Wait until the bridge (and a policy subscribed to the instruction) is up."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for name, process in processes:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {process.returncode}")
-            bridge = self.reset_publisher.get_subscription_count() > 0
-            policy = (not need_policy or self.node.count_subscribers(
-                self.embodiment.instruction_topic) > 0)
-            if bridge and policy:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"no sim bridge{' and policy node' if need_policy else ''} on the "
-                           f"graph after {timeout_s:.0f} s (is sim.launch.py running in this "
-                           "ROS_DOMAIN_ID?)")
-
-    def run_episode(self, task: str, seed: int, timeout_s: float, record: bool,
-                    processes=()) -> tuple[dict, list]:
-        """Request one episode and wait for its end event; returns (result, frames)."""
-        with self._cond:
-            seen = len(self._events)
-        self._recording = [] if record else None
-        self.reset_publisher.publish(self._string(data=json.dumps({"seed": seed,
-                                                                   "task": task})))
-        started = time.monotonic()
-        deadline = started + timeout_s
-        result = None
-        with self._cond:
-            while result is None:
-                for event in self._events[seen:]:
-                    if (event.get("event") == "end" and event.get("seed") == seed
-                            and event.get("task") == task):
-                        result = event
-                seen = len(self._events)
-                if result is not None:
-                    break
-                for name, process in processes:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"{name} exited with code {process.returncode}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EpisodeTimeout(f"episode {task} seed {seed}: no end event within "
-                                         f"{timeout_s:.0f} s")
-                self._cond.wait(min(remaining, 0.5))
-        frames, self._recording = self._recording or [], None
-        result = {key: result.get(key) for key in ("task", "seed", "instruction", "success",
-                                                   "steps", "trajectories", "sim_time", "info",
-                                                   "outcome", "final_state", "error", "motion")}
-        result["wall_time_s"] = round(time.monotonic() - started, 3)
-        return result, frames
-
-    def close(self) -> None:
-        """Stop spinning and destroy the node."""
-        self.executor.shutdown(timeout_sec=1.0)
-        self.node.destroy_node()
-
-
-def node_defaults(embodiment: str) -> dict:
-    """The policy node's parameters in an embodiment's YAML (scheduling defaults)."""
-    import yaml
-
-    path = description_file(embodiment)
-    if not path.is_file():
-        return {}
-    document = yaml.safe_load(path.read_text()) or {}
-    return dict(document.get("policy_node", {}).get("ros__parameters", {}))
+# Command-line flags that set the policy loop's settings (`PolicyConfig`), by field name.
+LOOP_FLAGS = ("actions_per_inference", "chunk_transition", "rtc_schedule", "inference_delay_s")
 
 
 def evaluate(config: EvaluationConfig) -> EvaluationResult:
@@ -187,9 +49,14 @@ def evaluate(config: EvaluationConfig) -> EvaluationResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.transport == "inprocess":
-        episodes, videos = _evaluate_inprocess(config, embodiment)
+        from ..evaluation.inprocess import run_inprocess
+
+        episodes, videos = run_inprocess(config, embodiment,
+                                         progress=lambda line: print(line, flush=True))
     else:
-        episodes, videos = _evaluate_ros(config, embodiment, out)
+        from .evaluator import run_over_ros
+
+        episodes, videos = run_over_ros(config, embodiment, out)
     camera_rate = config.camera_rate_hz or embodiment.control_rate_hz
     for name, frames in videos.items():
         if frames:
@@ -202,97 +69,6 @@ def evaluate(config: EvaluationConfig) -> EvaluationResult:
     if config.plot:
         plot_success({config.policy: summary}, out / "success.png")
     return EvaluationResult(summary=summary, episodes=episodes)
-
-
-def _evaluate_inprocess(config: EvaluationConfig, embodiment: Embodiment):
-    """The policy node's pipeline and the bridge's follower, without ROS in between."""
-    pipeline, period = None, 1
-    if config.policy == "checkpoint":
-        from ..policy.pipeline import PolicyPipeline
-        from ..policy.runtime import PolicyRuntime
-
-        defaults = node_defaults(config.embodiment)
-        runtime = PolicyRuntime(str(Path(config.checkpoint).resolve()), embodiment,
-                                device=config.device,
-                                seed=None if config.policy_seed < 0 else config.policy_seed)
-        pipeline = PolicyPipeline(
-            runtime, embodiment, blend_steps=int(defaults.get("blend_steps", 2)),
-            chunk_transition=(config.chunk_transition
-                              or defaults.get("chunk_transition", "blend")),
-            rtc_schedule=config.rtc_schedule)
-        period = config.actions_per_inference or int(defaults.get("actions_per_inference", 4))
-    return run_inprocess(config, embodiment, pipeline=pipeline, actions_per_inference=period,
-                         progress=lambda line: print(line, flush=True))
-
-
-def _evaluate_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path):
-    """Sim bridge and policy node as processes, talking over the robot's topics."""
-    import rclpy
-
-    from .processes import ros_environment, start_node, stop_node
-
-    tasks = config.tasks
-    processes = []
-    log_dir = out / "logs"
-    env = ros_environment(Path(tempfile.mkdtemp(prefix="twinbrain_eval_ros_")))
-    if config.policy != "external":
-        bridge_params = {"embodiment": config.embodiment, "backend": config.backend,
-                         "task": tasks[0], "start_episode": False,
-                         "expert": config.policy == "expert",
-                         "image_width": config.image_size, "image_height": config.image_size,
-                         "real_time_factor": config.real_time_factor,
-                         "camera_rate_hz": config.camera_rate_hz,
-                         "episode_steps": config.episode_steps,
-                         "wait_for_policy": config.policy == "checkpoint"}
-        processes.append(("sim_bridge", start_node("sim_bridge", env, bridge_params,
-                                                   log_path=log_dir / "sim_bridge.log")))
-    if config.policy == "checkpoint":
-        node_params = {"checkpoint": str(Path(config.checkpoint).resolve()),
-                       "device": config.device, "enable_actuation": True,
-                       "use_sim_time": True, "seed": config.policy_seed}
-        if config.actions_per_inference > 0:
-            node_params["actions_per_inference"] = config.actions_per_inference
-        if config.chunk_transition:
-            node_params["chunk_transition"] = config.chunk_transition
-        node_params["rtc_schedule"] = config.rtc_schedule
-        node_params["inference_delay_s"] = float(config.inference_delay_s)
-        if config.record:
-            node_params["record_path"] = str((out / "recordings").resolve())
-        processes.append(("policy_node", start_node(
-            "policy_node", env, node_params,
-            params_file=description_file(config.embodiment),
-            log_path=log_dir / "policy_node.log")))
-    rclpy.init()
-    evaluator = None
-    episodes: list[dict] = []
-    videos: dict[str, list] = {}
-    try:
-        evaluator = Evaluator(embodiment, video_episodes=config.video)
-        evaluator.wait_for_bridge(config.startup_timeout_s,
-                                  need_policy=config.policy != "expert", processes=processes)
-        for task in tasks:
-            for k in range(config.episodes):
-                seed = config.seed + k
-                record = len(videos) < config.video
-                result, frames = evaluator.run_episode(task, seed, config.episode_timeout_s,
-                                                       record, processes)
-                result["policy"] = config.policy
-                episodes.append(result)
-                status = "success" if result["success"] else "failure"
-                if result["error"]:
-                    status += f" (simulation error: {result['error']})"
-                print(f"  {result['task']} seed {seed}: {status} after {result['steps']} steps "
-                      f"({result['wall_time_s']:.1f} s)  {result['instruction']!r}", flush=True)
-                if record:
-                    videos[f"{result['task']}_seed{seed}"] = frames
-    finally:
-        if evaluator is not None:
-            evaluator.close()
-        if rclpy.ok():
-            rclpy.shutdown()
-        for _, process in reversed(processes):
-            stop_node(process)
-    return episodes, videos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="policy node torch device")
     parser.add_argument("--policy-seed", type=int, default=0,
                         help="seed of the policy's flow-matching noise (-1: fresh noise)")
-    parser.add_argument("--actions-per-inference", type=int, default=0,
-                        help="policy node replanning period in control steps (0: the "
+    parser.add_argument("--actions-per-inference", type=int, default=None,
+                        help="policy replanning period in control steps (default: the "
                              "embodiment file's value)")
     parser.add_argument("--image-size", type=int, default=224, help="camera image size (px)")
     parser.add_argument("--camera-rate-hz", type=float, default=0.0,
@@ -340,18 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episode-steps", type=int, default=0,
                         help="length of every episode in control periods (0: the task's own "
                              "limit)")
-    parser.add_argument("--chunk-transition", choices=("blend", "rtc"), default="",
+    parser.add_argument("--chunk-transition", choices=CHUNK_TRANSITIONS, default=None,
                         help="how a new chunk takes over the executing plan: blend "
                              "(cross-fade) or rtc (real-time chunking); default: the "
                              "embodiment file's chunk_transition")
-    parser.add_argument("--rtc-schedule", choices=("exp", "linear", "hard"), default="exp",
-                        help="real-time chunking's guidance weights over the overlap")
+    parser.add_argument("--rtc-schedule", choices=RTC_SCHEDULES, default=None,
+                        help="real-time chunking's guidance weights over the overlap "
+                             "(default: the embodiment file's, else exp)")
     parser.add_argument("--inference-delay", dest="inference_delay_s", type=float,
-                        default=0.0, metavar="S",
+                        default=None, metavar="S",
                         help="add S seconds to every inference (behaviour at realistic "
                              "latencies with a fast model)")
-    parser.add_argument("--record", action="store_true",
-                        help="write a rerun recording per episode to OUT/recordings")
+    parser.add_argument("--rerun", action="store_true",
+                        help="write a rerun log of the policy's cycles per episode to "
+                             "OUT/rerun")
     return parser
 
 
@@ -360,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.episodes is None:
         args.episodes = 24 if args.backend == "simpler_widowx" else 10
+    loop = {name: vars(args).pop(name) for name in LOOP_FLAGS}
     try:
-        evaluate(EvaluationConfig(**vars(args)))
+        robot = Embodiment.resolve(args.embodiment)
+        evaluate(EvaluationConfig(**vars(args), loop=PolicyConfig.for_robot(robot, **loop)))
     except (ValueError, RuntimeError) as error:
         print(f"evaluate: {error}", flush=True)
         return 1

@@ -13,6 +13,7 @@ import re
 import typing
 from dataclasses import MISSING, dataclass, fields
 
+from ..policy.config import PolicyConfig, settings
 from ..robot.embodiment import Embodiment, EmbodimentError
 
 
@@ -106,3 +107,57 @@ def declare_embodiment(node) -> Embodiment:
     except EmbodimentError as error:
         raise ValueError(f"{error}: pass the embodiment's params file "
                          "(--params-file config/<embodiment>.yaml)") from error
+
+
+def params_of(config_class) -> dict[str, Param]:
+    """The parameters of a settings dataclass (`twinbrain_ros.policy.config.setting` fields)."""
+    return {item.name: Param(item.default, item.description, item.range, item.dynamic)
+            for item in settings(config_class)}
+
+
+# The policy node's own parameters (the loop's come from `PolicyConfig`).
+_NODE_ONLY = {
+    "checkpoint": Param("", "TwinBrainVLA checkpoint directory (required unless 'server' is "
+                            "given)"),
+    "server": Param("", "HOST:PORT of a policy server to send observations to instead of "
+                        "loading a checkpoint (this process then imports no torch)"),
+    "server_token_file": Param("", "file with the token the policy server requires"),
+    "server_timeout_s": Param(1.0, "a reply later than this is given up (the robot holds)",
+                              (0.01, 60.0)),
+    "image_transport": Param("jpeg", "how camera frames travel to the server: jpeg or png "
+                                     "(lossless)"),
+    "jpeg_quality": Param(90, "JPEG quality of the frames sent to the server", (1, 100)),
+    "backbone_path": Param("", "override of the base Qwen-VL directory stored in the checkpoint"),
+    "device": Param("auto", "torch device: auto, cpu, cuda or cuda:N (bf16 on CUDA)"),
+    "inference": Param("auto", "auto (compiled on CUDA, eager on the CPU), eager, or compiled "
+                               "(static shapes and torch.compile, warmed up before the node "
+                               "reports ready; a compile failure falls back to eager)"),
+    "seed": Param(-1, "seed of the flow-matching noise; -1 draws fresh noise every chunk",
+                  (-1, 2**31 - 1)),
+    "enable_actuation": Param(False, "publish to the controller topics; false sends every "
+                                     "trajectory to dry_run_topic instead (may be changed at "
+                                     "run time; turning it off holds the robot first)",
+                              dynamic=True),
+    "ask_max_new_tokens": Param(64, "longest answer to a question on ~/ask, in tokens",
+                                (1, 4096)),
+    "ask_tokens_per_slice": Param(8, "most answer tokens generated between two inference "
+                                     "cycles (fewer when the time to the next cycle is short; "
+                                     "the prompt pass is one slice)", (1, 4096)),
+    "max_question_tokens": Param(256, "longest question on ~/ask in tokens; longer ones get an "
+                                      "error answer", (1, 8192)),
+    "ask_timeout_s": Param(120.0, "with a policy server: how long to wait for its answer",
+                           (0.1, 3600.0)),
+    "max_instruction_tokens": Param(128, "longest instruction in tokens of the checkpoint's "
+                                         "tokenizer; longer ones are rejected", (1, 8192)),
+    "stamp_trajectories": Param(False, "stamp trajectories with the plan's start time instead "
+                                       "of zero (zero means 'start now' to the controller)"),
+    "stall_timeout_s": Param(10.0, "a cycle still running after this long (wall clock; at "
+                                   "least 3 replanning periods plus the p95 latency) is "
+                                   "reported at ERROR and the robot holds", (0.1, 3600.0)),
+    "input_silence_s": Param(2.0, "an input topic with a matched publisher but no message for "
+                                  "this long (wall clock) gets its subscription recreated",
+                             (0.1, 3600.0)),
+    "diagnostics_period_s": Param(1.0, "period of /diagnostics messages", (0.01, 60.0)),
+}
+
+NODE_PARAMETERS: dict[str, Param] = {**params_of(PolicyConfig), **_NODE_ONLY}

@@ -47,11 +47,11 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, String
 from trajectory_msgs.msg import JointTrajectory
 
+from ..evaluation.motion import MotionLog
+from ..evaluation.results import jsonable
 from ..robot.embodiment import Embodiment
 from ..sim.base import SimError, make_backend
-from ..sim.evaluation import jsonable
 from ..sim.follower import TrajectoryError, TrajectoryFollower
-from ..sim.motion import MotionLog
 from ..sim.rollout import substeps_per_control
 from .conversions import controller_trajectories, rgb_to_image
 from .parameters import Param, declare_parameters

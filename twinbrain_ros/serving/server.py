@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CausedError, shorten
-from ..model.rtc import ChunkPrefix
+from ..transforms.rtc import ChunkPrefix
 from .protocol import (
     IMAGE_FORMATS,
     PROTOCOL_VERSION,

@@ -57,7 +57,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..robot.embodiment import Embodiment
-from ..robot.kinematics import bounded_pose_delta, rotation_angle, top_down_rotation
+from ..robot.kinematics import (
+    WIDOWX_ARM_JOINTS,
+    bounded_pose_delta,
+    rotation_angle,
+    top_down_rotation,
+)
 from .base import Episode, ScriptedExpert, SimBackend, SimError
 
 
@@ -81,18 +86,10 @@ TASKS: dict[str, BridgeTask] = {
 }
 # SimplerEnv's Bridge protocol: episodes 0-23 of every task.
 PROTOCOL_EPISODES = 24
-# The paper's column titles, in its order.
-TITLES = {"widowx_spoon_on_towel": "Put Spoon on Towel",
-          "widowx_carrot_on_plate": "Put Carrot on Plate",
-          "widowx_stack_cube": "Stack Green Block on Yellow Block",
-          "widowx_put_eggplant_in_basket": "Put Eggplant in Yellow Basket"}
-# TwinBrainVLA's published average over the four tasks (Qwen3-VL-4B twin trained on Bridge).
-PAPER_AVERAGE = 0.620
 CAMERA = "3rd_view_camera"
 CAMERA_SIZE = (640, 480)
 CONTROL_PERIOD_S = 0.2    # SimplerEnv's Bridge control rate, 5 Hz
 PHYSICS_HZ = 500          # ManiSkill's Bridge simulation rate
-ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
 GRIPPER_DRIVE = (0.014, 0.038)   # SimplerEnv's finger drive range (joint limits +- 1 mm)
 # SimplerEnv's measured Bridge start poses (the 6 arm joints, then both fingers open).
 START_QPOS = {"flat_table": [-0.01840777, 0.0398835, 0.22242722, -0.00460194, 1.36524296,
@@ -272,7 +269,8 @@ class SimplerWidowXBackend(SimBackend):
             raise SimError(f"image size must be positive, got {image_width}x{image_height}")
         if not 0.05 <= render_scale <= 2.0:
             raise SimError(f"render_scale must be within [0.05, 2], got {render_scale}")
-        missing = [n for n in embodiment.joint_names if n not in (*ARM_JOINTS, "left_finger")]
+        missing = [n for n in embodiment.joint_names
+                   if n not in (*WIDOWX_ARM_JOINTS, "left_finger")]
         if missing or embodiment.gripper_joint != "left_finger":
             raise SimError(f"the WX250s has no joints {missing}, or the gripper joint "
                            f"{embodiment.gripper_joint!r} is not 'left_finger'")
@@ -305,7 +303,7 @@ class SimplerWidowXBackend(SimBackend):
         names = [j.name for j in robot.get_active_joints()]
         self._joint_index = np.array([names.index(n) for n in embodiment.joint_names])
         self._gripper_index = embodiment.joint_names.index("left_finger")
-        self._arm_index = np.array([embodiment.joint_names.index(n) for n in ARM_JOINTS])
+        self._arm_index = np.array([embodiment.joint_names.index(n) for n in WIDOWX_ARM_JOINTS])
         self._physics_steps = round(self.sim_dt * PHYSICS_HZ)
         self._steps_per_period = round(CONTROL_PERIOD_S / self.sim_dt)
         self.layouts = len(env.xyz_configs) * len(env.quat_configs)

@@ -1,4 +1,4 @@
-"""A visual record of policy cycles: one rerun recording (`.rrd`) per episode (rerun-sdk).
+"""Rerun logs of policy cycles: one rerun file (`.rrd`) per episode (rerun-sdk).
 
 Open one with `rerun FILE.rrd` (the viewer comes with `pip install rerun-sdk`). Everything is
 on the `time` timeline, in seconds of the clock the policy runs on (simulated time in a
@@ -14,8 +14,8 @@ simulation). Entity paths:
     /timing/observation_to_plan_s  observation to plan ready (what real-time chunking freezes)
     /events/holds                  each hold, with its cause
 
-The node writes one per instruction it receives (`record_path`), `evaluate --record` one per
-episode (under `OUT/recordings`).
+The node writes one per instruction it receives (`rerun_path`), `evaluate --rerun` one per
+episode (under `OUT/rerun`). `CycleLogs` opens them as episodes change.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CycleRecorder"]
+__all__ = ["CycleLog", "CycleLogs"]
 
 
-class CycleRecorder:
+class CycleLog:
     """Writes policy cycles of one episode to a rerun file."""
 
     def __init__(self, path: str | Path, joint_names: list[str],
                  application: str = "twinbrain_ros"):
-        """Start the recording at `path` (its directory is created).
+        """Start the log at `path` (its directory is created).
 
         Raises:
             RuntimeError: rerun-sdk is not installed.
@@ -41,7 +41,7 @@ class CycleRecorder:
         try:
             import rerun as rr
         except ImportError as error:  # an optional piece: say what to install
-            raise RuntimeError("recording needs rerun-sdk (pip install rerun-sdk)") from error
+            raise RuntimeError("rerun logs need rerun-sdk (pip install rerun-sdk)") from error
         self.rr = rr
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,3 +102,75 @@ class CycleRecorder:
         """Flush and close the file."""
         self.rec.flush()
         self.rec.disconnect()
+
+
+class CycleLogs:
+    """The rerun log of each episode, opened when an episode's first cycle comes.
+
+    Files go to `directory` as `<episode>_<instruction>.rrd` (the node), or where `path_for`
+    says. A log that fails (a full disk) is closed and `failed(error)` is called: logging stops
+    there, the robot goes on.
+    """
+
+    def __init__(self, joint_names: list[str], directory: str | Path | None = None,
+                 path_for=None):
+        """Name files in `directory`, or by `path_for(episode, instruction) -> path`."""
+        self.joint_names = list(joint_names)
+        self.directory = None if directory is None else Path(directory)
+        self.path_for = path_for or self._default_path
+        self.current: CycleLog | None = None
+        self.episode = None
+
+    @staticmethod
+    def check_directory(path: str | Path, name: str) -> None:
+        """Logs need rerun-sdk and a writable directory: a ValueError says which is missing."""
+        try:
+            import rerun  # noqa: F401
+        except ImportError as error:
+            raise ValueError(f"{name} needs rerun-sdk (pip install rerun-sdk)") from error
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{name} {str(path)!r} cannot be created: {error.strerror}") \
+                from error
+
+    def _default_path(self, episode: int, instruction: str) -> Path:
+        name = "".join(c if c.isalnum() else "_" for c in instruction[:40])
+        return self.directory / f"{episode:04d}_{name}.rrd"
+
+    def open(self, episode: int, instruction: str, t: float, failed) -> CycleLog | None:
+        """The episode's log (a new file, starting with the instruction, on a new episode)."""
+        if self.current is not None and self.episode == episode:
+            return self.current
+        self.close()
+        try:
+            self.current = CycleLog(self.path_for(episode, instruction), self.joint_names)
+            self.episode = episode
+            self.current.instruction(t, instruction)
+        except Exception as error:  # noqa: BLE001 - never a reason to hold the robot
+            self._failed(error, failed)
+        return self.current
+
+    def call(self, method: str, *args, failed) -> None:
+        """Call the open log's `method` (if a log is open); a failure stops logging."""
+        if self.current is None:
+            return
+        try:
+            getattr(self.current, method)(*args)
+        except Exception as error:  # noqa: BLE001 - a full disk must not stop the robot
+            self._failed(error, failed)
+
+    def _failed(self, error: Exception, failed) -> None:
+        log, self.current = self.current, None
+        if log is not None:
+            try:
+                log.close()
+            except Exception:  # noqa: BLE001, S110 - already failing; nothing more to save
+                pass
+        failed(error)
+
+    def close(self) -> None:
+        """Close the open log, if any."""
+        log, self.current = self.current, None
+        if log is not None:
+            log.close()

@@ -43,7 +43,7 @@ class QuestionDesk:
     """The policy node's `~/ask` -> `~/answer` service (see the module docstring)."""
 
     def __init__(self, node, max_question_tokens: int):
-        """Attach to a `PolicyNode` (its runtime, images, clock, parameters and logger)."""
+        """Attach to a `PolicyNode` (its runtime, inputs, loop, clock, parameters, logger)."""
         self.node = node
         self.max_question_tokens = max_question_tokens
         self.remote = hasattr(node.runtime, "ask")
@@ -171,8 +171,7 @@ class QuestionDesk:
             return False
         estimate = self._prefill_s
         if estimate is None:
-            with node._stats_lock:
-                latencies = list(node.latencies)
+            latencies = [c["model_s"] for c in list(node.loop.cycles)]
             estimate = float(np.median(latencies)) if latencies else 0.0
         if remaining_s < estimate and self._deferred < MAX_DEFERRALS:
             self._deferred += 1
@@ -198,13 +197,12 @@ class QuestionDesk:
         Raises `no_image` if a camera has sent none yet.
         """
         node = self.node
-        with node._lock:
-            images = dict(node._images)
+        images = node.inputs.frames()
         topics = node.embodiment.image_topics
         missing = [t for t in topics if t not in images]
         if missing:
             raise CausedError("no_image", f"no image received yet on {', '.join(missing)}")
-        entry["image_age_s"] = round(max(node._now() - images[t][1] for t in topics), 4)
+        entry["image_age_s"] = round(max(node.now() - images[t][1] for t in topics), 4)
         entry["images"] = {t: (images[t][0], images[t][2]) for t in topics}
         return [images[t][0] for t in topics]
 
@@ -217,7 +215,7 @@ class QuestionDesk:
 
     def _serve_remote(self) -> None:
         node = self.node
-        while not node._stop.is_set():
+        while not node.shutting_down():
             with self._lock:
                 entry = self._pending.popleft() if self._pending else None
                 if entry is not None:
@@ -269,12 +267,12 @@ class QuestionDesk:
             self.refused[cause] += 1
         self._send(self._message(entry, ok=False, answer="", tokens=0, finish="error",
                                  generation_s=0.0, error={"cause": cause, "message": text}))
-        self.node._log_limited(f"ask.{cause}", f"cannot answer "
-                                               f"{shorten(repr(entry['question']), 80)}: {text}",
-                               "warning", self.refused[cause])
+        self.node.causes.log_limited(f"ask.{cause}", f"cannot answer "
+                                                     f"{shorten(repr(entry['question']), 80)}: "
+                                                     f"{text}", "warning", self.refused[cause])
 
     def _send(self, message: dict) -> None:
-        if self.node._stop.is_set() or not self.node.context.ok():
+        if self.node.shutting_down():
             return
         self.publisher.publish(String(data=json.dumps(message)))
 

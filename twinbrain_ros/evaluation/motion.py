@@ -148,6 +148,6 @@ def plot_motion(log: MotionLog, path: Path, title: str = "") -> Path:
     axes[0, 0].set_title(title or "commanded vs measured joints (grey: chunk starts, red: "
                                   "holds)", fontsize=9)
     axes[-1, 0].set_xlabel("time (s)")
-    from .evaluation import save_figure
+    from .results import save_figure
 
     return save_figure(fig, path, dpi=110)
