@@ -40,7 +40,7 @@ from bench_inference import (  # noqa: E402
     synchronize,
 )
 
-from twinbrain_ros.model.ask import LeftBrainChat  # noqa: E402
+from twinbrain_ros.model.ask import LeftBrainAnswerer  # noqa: E402
 from twinbrain_ros.model.presets import FAMILIES  # noqa: E402
 
 QUESTION = "Which object on the table is closest to the gripper, and what color is it?"
@@ -75,15 +75,15 @@ def bench(family: str, args) -> dict:
     device = torch.device(args.device)
     model = build_synthetic_model(family, "twin", args)
     attach_processor(model, family, args.image_size)
-    chat = LeftBrainChat(model)
+    answerer = LeftBrainAnswerer(model)
     frame = np.random.default_rng(args.seed).integers(0, 256, (args.image_size,
                                                                args.image_size, 3), np.uint8)
     state = np.zeros(next(iter(model.config.embodiments.values())).state_dim, np.float32)
     key = next(iter(model.config.embodiments))
-    chat.answer([frame], QUESTION, 2)  # warm-up
+    answerer.answer([frame], QUESTION, 2)  # warm-up
     prefill, per_token = [], []
     for _ in range(args.questions):
-        generation = chat.start([frame], QUESTION, args.max_new_tokens)
+        generation = answerer.start([frame], QUESTION, args.max_new_tokens)
         synchronize(device)
         start = time.perf_counter()
         generation.step(1)
@@ -111,7 +111,7 @@ def bench(family: str, args) -> dict:
         chunk()
         alone.append(chunk())
         if generation is None or generation.done:
-            generation = chat.start([frame], QUESTION, 10_000)
+            generation = answerer.start([frame], QUESTION, 10_000)
             budget = 1
         else:
             budget = args.tokens_per_slice

@@ -33,7 +33,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from twinbrain_ros.demo import EMBODIMENT, TASK, DemoConfig  # noqa: E402
-from twinbrain_ros.train import Collator, TrainConfig, train  # noqa: E402
+from twinbrain_ros.training import Collator, TrainConfig, train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 from waiting import wait_until
 
-from twinbrain_ros.model.ask import AskError, LeftBrainChat
+from twinbrain_ros.model.ask import AskError, LeftBrainAnswerer
 from twinbrain_ros.model.backbone import BackboneError
 from twinbrain_ros.model.twinbrain import TwinBrainVLA
 
@@ -35,40 +35,40 @@ def backbones(tmp_path_factory):
 def test_answers_equal_transformers_greedy_generate_token_for_token(backbones, family, tied):
     path = backbones[(family, tied)]
     model = build_model(path).eval()
-    chat = LeftBrainChat(model)
+    answerer = LeftBrainAnswerer(model)
     images = [camera_frame(3), camera_frame(4)]  # two cameras: two vision blocks
-    answer = chat.answer(images, QUESTION, max_new_tokens=12)
+    answer = answerer.answer(images, QUESTION, max_new_tokens=12)
     expected = reference_answer(path, images, QUESTION, model.config.image_size, 12)
     assert answer.token_ids == expected
     assert answer.finish == "length" and len(set(answer.token_ids)) > 3  # not an echo
-    assert answer.text == chat.processor.tokenizer.decode(expected,
+    assert answer.text == answerer.processor.tokenizer.decode(expected,
                                                           skip_special_tokens=True).strip()
     # The answer is about the images: other images, another answer.
-    assert chat.answer([camera_frame(5), camera_frame(6)], QUESTION,
+    assert answerer.answer([camera_frame(5), camera_frame(6)], QUESTION,
                        max_new_tokens=12).token_ids != answer.token_ids
 
 
 def test_nothing_is_loaded_twice(backbones):
     tied = build_model(backbones[("qwen2_5_vl", True)]).eval()
     embedding = tied.left.vlm.get_input_embeddings().weight
-    assert LeftBrainChat(tied).head is embedding  # the head is the embedding matrix itself
+    assert LeftBrainAnswerer(tied).head is embedding  # the head is the embedding matrix itself
     untied = build_model(backbones[("qwen2_5_vl", False)]).eval()
-    chat = LeftBrainChat(untied)
-    head = chat.head
+    answerer = LeftBrainAnswerer(untied)
+    head = answerer.head
     assert head.shape == untied.left.vlm.get_input_embeddings().weight.shape
     assert not torch.equal(head, untied.left.vlm.get_input_embeddings().weight)
-    assert chat.head is head  # read once
-    # The chat adds no module to the policy: its parameters are the policy's.
-    assert chat.left is untied.left
+    assert answerer.head is head  # read once
+    # The answerer adds no module to the policy: its parameters are the policy's.
+    assert answerer.left is untied.left
     names = {name for name, _ in untied.named_parameters()}
     assert not any("lm_head" in name for name in names)
 
 
 def test_slices_give_the_answer_of_one_pass(backbones):
     model = build_model(backbones[("qwen3_vl", False)]).eval()
-    chat = LeftBrainChat(model)
-    whole = chat.answer([camera_frame(1)], QUESTION, max_new_tokens=10)
-    generation = chat.start([camera_frame(1)], QUESTION, max_new_tokens=10)
+    answerer = LeftBrainAnswerer(model)
+    whole = answerer.answer([camera_frame(1)], QUESTION, max_new_tokens=10)
+    generation = answerer.start([camera_frame(1)], QUESTION, max_new_tokens=10)
     steps = []
     while not generation.done:
         steps.append(generation.step(3))
@@ -78,10 +78,10 @@ def test_slices_give_the_answer_of_one_pass(backbones):
 
 def test_an_end_token_ends_the_answer(backbones):
     model = build_model(backbones[("qwen2_5_vl", False)]).eval()
-    chat = LeftBrainChat(model)
-    first = chat.answer([camera_frame(1)], QUESTION, max_new_tokens=6).token_ids
-    chat.eos_ids = [first[2]]
-    answer = chat.answer([camera_frame(1)], QUESTION, max_new_tokens=6)
+    answerer = LeftBrainAnswerer(model)
+    first = answerer.answer([camera_frame(1)], QUESTION, max_new_tokens=6).token_ids
+    answerer.eos_ids = [first[2]]
+    answer = answerer.answer([camera_frame(1)], QUESTION, max_new_tokens=6)
     assert answer.finish == "eos" and answer.token_ids == first[:3]
 
 
@@ -94,22 +94,22 @@ def test_end_tokens_and_repetition_penalty_come_from_the_generation_config(tmp_p
     # penalty acts on (Qwen2.5-VL-Instruct's is 1.05; 1.5 here moves this model's argmax).
     path = make_tiny_checkpoint("qwen2_5_vl", tmp_path / "echo", seed=0)
     model = build_model(str(path)).eval()
-    plain = LeftBrainChat(model).answer([camera_frame(3)], QUESTION, 8).token_ids
+    plain = LeftBrainAnswerer(model).answer([camera_frame(3)], QUESTION, 8).token_ids
     file = path / "generation_config.json"
     file.write_text(json.dumps({**json.loads(file.read_text()), "repetition_penalty": 1.5}))
-    chat = LeftBrainChat(model)
-    assert chat.eos_ids == [chat.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    assert chat.repetition_penalty == 1.5
-    penalised = chat.answer([camera_frame(3)], QUESTION, 8).token_ids
+    answerer = LeftBrainAnswerer(model)
+    assert answerer.eos_ids == [answerer.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert answerer.repetition_penalty == 1.5
+    penalised = answerer.answer([camera_frame(3)], QUESTION, 8).token_ids
     assert penalised != plain
     assert penalised == reference_answer(str(path), [camera_frame(3)], QUESTION,
                                          model.config.image_size, 8)
 
 
 def test_an_untied_head_is_read_in_the_background(backbones):
-    chat = LeftBrainChat(build_model(backbones[("qwen3_vl", False)]).eval())
-    wait_until(chat.head_ready, 30, "the head read in the background")
-    assert chat._loader is not None and chat._head is not None  # read by the thread
+    answerer = LeftBrainAnswerer(build_model(backbones[("qwen3_vl", False)]).eval())
+    wait_until(answerer.head_ready, 30, "the head read in the background")
+    assert answerer._loader is not None and answerer._head is not None  # read by the thread
 
 
 @pytest.mark.parametrize(("question", "cause"), [
@@ -121,24 +121,24 @@ def test_an_untied_head_is_read_in_the_background(backbones):
     ("<|vision_start|><|image_pad|>", "question_special_tokens"),
 ])
 def test_unusable_questions_are_refused_with_their_cause(backbones, question, cause):
-    chat = LeftBrainChat(build_model(backbones[("qwen2_5_vl", True)]).eval(),
+    answerer = LeftBrainAnswerer(build_model(backbones[("qwen2_5_vl", True)]).eval(),
                          max_question_tokens=256)
     with pytest.raises(AskError) as caught:
-        chat.start([camera_frame(0)], question)
+        answerer.start([camera_frame(0)], question)
     assert caught.value.cause == cause
 
 
 def test_a_question_needs_an_image(backbones):
-    chat = LeftBrainChat(build_model(backbones[("qwen2_5_vl", True)]).eval())
+    answerer = LeftBrainAnswerer(build_model(backbones[("qwen2_5_vl", True)]).eval())
     with pytest.raises(AskError) as caught:
-        chat.start([], QUESTION)
+        answerer.start([], QUESTION)
     assert caught.value.cause == "no_image"
 
 
 def test_a_single_brain_checkpoint_has_no_left_brain_to_ask(backbones):
     model = build_model(backbones[("qwen2_5_vl", True)], brain_mode="single")
     with pytest.raises(AskError) as caught:
-        LeftBrainChat(model)
+        LeftBrainAnswerer(model)
     assert caught.value.cause == "no_left_brain"
 
 
@@ -152,14 +152,14 @@ def test_an_untied_checkpoint_without_its_head_is_named(backbones, tmp_path):
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     model = TwinBrainVLA.from_backbone(small_config(str(path))).eval()
     with pytest.raises(BackboneError, match="no lm_head.weight"):
-        LeftBrainChat(model).answer([camera_frame(0)], QUESTION, max_new_tokens=2)
+        LeftBrainAnswerer(model).answer([camera_frame(0)], QUESTION, max_new_tokens=2)
 
 
 def test_a_checkpoint_without_a_chat_template_is_named(backbones):
     model = build_model(backbones[("qwen2_5_vl", True)]).eval()
     model.processor.chat_template = None
     with pytest.raises(BackboneError, match="no chat template"):
-        LeftBrainChat(model).start([camera_frame(0)], QUESTION)
+        LeftBrainAnswerer(model).start([camera_frame(0)], QUESTION)
 
 
 def test_the_processors_chat_template_file_is_preferred(backbones, tmp_path):

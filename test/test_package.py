@@ -104,13 +104,37 @@ def test_every_third_party_import_is_declared():
             assert key in keys, f"{name} has the rosdep key {key}; declare it in package.xml"
 
 
-def test_pip_only_dependencies_are_named_for_system_ros_users():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## With a system ROS 2", 1)[1].split("\n## ", 1)[0]
+def test_pip_only_dependencies_reach_system_ros_users():
+    """docs/install.md installs the requirements files without the ROS wheels; package.xml's
+    pip comment names every pip-only distribution."""
+    install = (ROOT / "docs" / "install.md").read_text()
+    section = install.split("## With a system ROS 2", 1)[1].split("\n## ", 1)[0]
+    assert "grep -v '^ros-' ~/ws/src/twinbrain_ros/requirements.txt" in section
+    assert "-r ~/ws/src/twinbrain_ros/requirements-nodeps.txt" in section
     comment = (ROOT / "package.xml").read_text()
+    requirements = _requirement_names()
     for name in _imports():
         if name in PYTHON_MODULES and PYTHON_MODULES[name][1] is None:
             distribution = PYTHON_MODULES[name][0]
+            assert distribution in requirements and not distribution.startswith("ros-")
             word = re.compile(rf"(?<![\w-]){re.escape(distribution)}(?![\w-])")
-            assert word.search(section), f"README's system-ROS section omits {distribution}"
             assert word.search(comment), f"package.xml's pip comment omits {distribution}"
+
+
+def test_the_parameter_table_in_the_docs_is_the_nodes_declarations():
+    from twinbrain_ros.ros.parameters import NODE_PARAMETERS, parameter_table
+
+    page = (ROOT / "docs" / "policy_node.md").read_text()
+    table = page.split("<!-- parameters: generated -->\n", 1)[1]
+    table = table.split("\n<!-- parameters: end", 1)[0]
+    assert table == parameter_table(), "run: python -m twinbrain_ros.ros.parameters"
+    assert all(f"| `{name}` |" in table for name in NODE_PARAMETERS)
+
+
+def test_the_readme_and_docs_link_only_to_files_that_exist():
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(((?!https?:|#)[^)#\s]+)", page.read_text()):
+            if not (page.parent / target).exists():
+                missing.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not missing, missing

@@ -18,7 +18,7 @@ from waiting import wait_until
 
 from twinbrain_ros.model.backbone import load_vlm
 from twinbrain_ros.robot.embodiment import Embodiment
-from twinbrain_ros.train import TrainConfig, checkpoint_dirs, load_config, train
+from twinbrain_ros.training import TrainConfig, checkpoint_dirs, load_config, train
 
 pytestmark = pytest.mark.slow
 GR1 = Embodiment.load("gr1")
@@ -278,7 +278,7 @@ def test_config_values_are_converted_to_the_field_types_or_refused_by_name():
     assert config.resume is True and config.betas == [0.9, 0.99]
     assert config.datasets[0].weight == 2.0
     # The frozen Left Brain follows the compute precision unless told otherwise.
-    from twinbrain_ros.train import Dist, left_dtype
+    from twinbrain_ros.training.distributed import Dist, left_dtype
 
     cpu, cuda = Dist(device=torch.device("cpu")), Dist(device=torch.device("cuda"))
     assert left_dtype(config, cpu) == torch.float32 and left_dtype(config, cuda) == torch.bfloat16
@@ -305,7 +305,8 @@ def test_config_train_yaml_documents_every_key_and_loads():
 
 def test_flow_draws_of_two_ranks_are_the_single_process_draws():
     from twinbrain_ros.model.action_expert import ActionExpertConfig, FlowMatchingActionExpert
-    from twinbrain_ros.train import Dist, flow_draws
+    from twinbrain_ros.training.distributed import Dist
+    from twinbrain_ros.training.loop import flow_draws
 
     class Model:
         action_expert = FlowMatchingActionExpert(ActionExpertConfig(
@@ -351,7 +352,7 @@ def test_the_moving_average_is_saved_and_used_for_inference(tiny_backbones, gr1_
 
 
 def test_the_average_warms_up_then_decays_as_configured():
-    from twinbrain_ros.train import WeightAverage
+    from twinbrain_ros.training.loop import WeightAverage
 
     layer = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -368,7 +369,7 @@ def test_the_average_warms_up_then_decays_as_configured():
 
 
 def test_resuming_with_other_flow_draws_is_refused():
-    from twinbrain_ros.train import check_resumable
+    from twinbrain_ros.training.checkpoints import check_resumable
 
     config = TrainConfig(backbone_path="/ckpt", flow_draws_per_sample=4)
     check_resumable(config, {"config": {"flow_draws_per_sample": 4}})

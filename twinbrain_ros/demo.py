@@ -111,7 +111,7 @@ def make_untrained_checkpoint(config, out: Path) -> Path:
     import torch
 
     from .model.checkpoint import save_checkpoint
-    from .train import build_data, build_model
+    from .training import build_data, build_model
 
     torch.manual_seed(config.seed)
     datasets, _, norm_stats = build_data(config)
@@ -124,7 +124,7 @@ def training_losses(checkpoint: Path) -> list[float]:
     """The per-step losses saved with a training checkpoint."""
     import torch
 
-    from .train import TRAINING_STATE
+    from .training import TRAINING_STATE
 
     state = torch.load(checkpoint / TRAINING_STATE, weights_only=False, map_location="cpu")
     return [float(x) for x in state["losses"]]
@@ -184,7 +184,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     from .model.tiny import make_tiny_checkpoint
     from .ros.evaluate import evaluate
     from .sim.record import record_demonstrations
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     if out.exists():
         shutil.rmtree(out)

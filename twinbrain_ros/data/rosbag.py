@@ -53,20 +53,38 @@ images of one episode are decoded in a second, time-ranged pass when that episod
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..robot.action_spaces import action_space_for
 from ..robot.embodiment import Embodiment
-from .images import RAW_ENCODINGS, SUPPORTED_ENCODINGS, ImageFormatError, raw_to_rgb
+from .bag_files import (
+    COMPRESSED_IMAGE,
+    IMAGE,
+    IMAGE_KEY_PREFIX,
+    BagError,
+    check_compressed_format,
+    check_encoding,
+    check_mcap,
+    decode_image,
+    image_key_for_topic,
+    rosbags_api,
+    storage_of,
+)
+from .bag_recording import (
+    AlignedRun,
+    BagReport,
+    ConversionOptions,
+    Episode,
+    EpisodeSummary,
+    GapSpan,
+    ImageStream,
+    JointStream,
+    Recording,
+)
 
-IMAGE = "sensor_msgs/msg/Image"
-COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 JOINT_STATE = "sensor_msgs/msg/JointState"
 JOINT_TRAJECTORY = "trajectory_msgs/msg/JointTrajectory"
 STRING = "std_msgs/msg/String"
@@ -74,286 +92,11 @@ STRING = "std_msgs/msg/String"
 ACTION_SOURCES = ("trajectory", "next-state")
 TIME_SOURCES = ("auto", "receive")
 END_MARKER = "end"
-IMAGE_KEY_PREFIX = "observation.images."
-
-SUPPORTED_COMPRESSED_FORMATS = ("jpeg", "png")
-
-_ROSBAGS_HINT = "pip install rosbags==0.11.9"
 
 
-class BagError(ValueError):
-    """A recording that cannot be converted as asked (missing topic, encoding, instruction)."""
 
-
-def _rosbags():
-    """Import the parts of `rosbags` used here, or raise ImportError saying how to install it."""
-    try:
-        from rosbags.highlevel import AnyReader, AnyReaderError
-        from rosbags.typesys import Stores, get_typestore
-    except ImportError as exc:
-        raise ImportError(f"reading rosbag2 recordings needs 'rosbags': {_ROSBAGS_HINT}") from exc
-    return AnyReader, AnyReaderError, get_typestore(Stores.ROS2_JAZZY)
-
-
-def image_key_for_topic(topic: str) -> str:
-    """Dataset image key of a camera topic: `/camera/image_raw` -> `observation.images.camera_image_raw`."""  # noqa: E501
-    name = re.sub(r"[^0-9A-Za-z]+", "_", topic).strip("_")
-    if not name:
-        raise BagError(f"cannot derive an image key from topic {topic!r}")
-    return IMAGE_KEY_PREFIX + name
-
-
-def decode_image(msg, msgtype: str) -> np.ndarray:
-    """A deserialized Image or CompressedImage -> HxWx3 uint8 RGB array.
-
-    Raises:
-        BagError: unsupported encoding / format, or data that does not match the size.
-    """
-    if msgtype == COMPRESSED_IMAGE:
-        _check_compressed_format(msg.format)
-        from PIL import Image as PILImage
-
-        try:
-            with PILImage.open(io.BytesIO(np.asarray(msg.data, dtype=np.uint8).tobytes())) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise BagError(f"cannot decode a {msg.format!r} CompressedImage: {exc}") from exc
-    _check_encoding(msg.encoding)
-    try:
-        return raw_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
-    except ImageFormatError as exc:
-        raise BagError(str(exc)) from exc
-
-
-def _check_encoding(encoding: str) -> None:
-    if encoding not in RAW_ENCODINGS:
-        raise BagError(f"unsupported image encoding {encoding!r}; supported: "
-                       f"{', '.join(SUPPORTED_ENCODINGS)} (or a jpeg/png CompressedImage)")
-
-
-def _check_compressed_format(fmt: str) -> None:
-    # image_transport writes e.g. "jpeg", "png" or "bgr8; jpeg compressed bgr8"; depth images
-    # ("16UC1; compressedDepth png") are not camera frames.
-    lowered = fmt.lower()
-    if "compresseddepth" in lowered or (
-            lowered and not any(f in lowered for f in ("jpeg", "jpg", "png"))):
-        raise BagError(f"unsupported CompressedImage format {fmt!r}; supported: "
-                       f"{', '.join(SUPPORTED_COMPRESSED_FORMATS)}")
-
-
-@dataclass
-class ConversionOptions:
-    """How to read and align recordings; None fields take the embodiment's defaults.
-
-    Attributes:
-        fps: grid rate (default: the embodiment's control_rate_hz).
-        actions: "trajectory" or "next-state" (default: trajectory for joint_position
-            embodiments, next-state for ee_delta ones).
-        image_topics: camera topics (default: the embodiment's image_topics).
-        image_keys: dataset keys or names for them (default: derived from the topics).
-        max_gap_s: oldest message a stream may hold at a grid time (default 2 / fps).
-        episode_marker_topic: std_msgs/String topic whose messages split episodes.
-        default_instruction: instruction before the first instruction message, and for bags
-            without any.
-        time_source: "auto" (header stamp if non-zero, else bag time) or "receive" (bag time).
-        min_episode_frames: shorter runs of frames are dropped (and reported).
-    """
-
-    fps: float | None = None
-    actions: str | None = None
-    image_topics: list[str] | None = None
-    image_keys: list[str] | None = None
-    max_gap_s: float | None = None
-    episode_marker_topic: str = "/episode_marker"
-    default_instruction: str | None = None
-    time_source: str = "auto"
-    min_episode_frames: int = 1
-
-
-@dataclass
-class GapSpan:
-    """Grid steps where one stream had no message fresh enough (seconds from the bag start)."""
-
-    stream: str
-    start_s: float
-    end_s: float
-    steps: int
-
-
-@dataclass
-class EpisodeSummary:
-    """One written episode."""
-
-    index: int
-    task: str
-    frames: int
-    start_s: float
-    end_s: float
-
-
-@dataclass
-class BagReport:
-    """What became of one recording: episodes written, gaps found, frames dropped."""
-
-    bag: str
-    storage: str
-    duration_s: float
-    fps: float
-    time_sources: dict[str, str] = field(default_factory=dict)
-    episodes: list[EpisodeSummary] = field(default_factory=list)
-    gaps: list[GapSpan] = field(default_factory=list)
-    dropped_frames: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def frames(self) -> int:
-        """Frames written from this bag."""
-        return sum(e.frames for e in self.episodes)
-
-    def format(self) -> str:
-        """A human-readable summary."""
-        lines = [f"{self.bag} ({self.storage}, {self.duration_s:.2f} s): "
-                 f"{len(self.episodes)} episodes, {self.frames} frames at {self.fps:g} fps, "
-                 f"{self.dropped_frames} grid steps dropped"]
-        if self.time_sources:
-            lines.append("  time: " + ", ".join(f"{topic} {source}" for topic, source
-                                                in sorted(self.time_sources.items())))
-        for ep in self.episodes:
-            lines.append(f"  episode {ep.index}: {ep.frames} frames, {ep.start_s:.3f}-"
-                         f"{ep.end_s:.3f} s, {ep.task!r}")
-        if self.gaps:
-            lines.append("  gaps (not interpolated: steps dropped, episode split):")
-            for gap in self.gaps:
-                lines.append(f"    {gap.stream}: {gap.start_s:.3f}-{gap.end_s:.3f} s "
-                             f"({gap.steps} steps)")
-        lines.extend(f"  note: {note}" for note in self.notes)
-        return "\n".join(lines)
-
-
-@dataclass
-class Episode:
-    """Aligned frames of one episode, ready for a dataset writer."""
-
-    images: dict[str, np.ndarray]   # key -> (T, H, W, 3) uint8
-    state: np.ndarray               # (T, state_dim)
-    action: np.ndarray              # (T, action_dim)
-    task: str
-    timestamps: np.ndarray          # (T,) seconds from the episode's first frame
-    start_s: float                  # first frame, seconds from the bag start
-    end_s: float
-
-
-class _HeldSeries:
-    """Samples of one value over time, looked up by zero-order hold with a freshness limit."""
-
-    def __init__(self, times: Sequence[int], values: Sequence):
-        order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
-        self.times = np.asarray(times, dtype=np.int64)[order]
-        self.values = np.asarray(values)[order] if len(values) else np.asarray(values)
-        self.order = order  # sorted position -> position in arrival order
-
-    def hold(self, grid: np.ndarray, max_gap_ns: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted index of the latest sample at or before each grid time, whether it is fresh)."""
-        index = np.searchsorted(self.times, grid, side="right") - 1
-        fresh = index >= 0
-        safe = np.maximum(index, 0)
-        if len(self.times):
-            fresh &= grid - self.times[safe] <= max_gap_ns
-        else:
-            fresh[:] = False
-        return safe, fresh
-
-
-class _JointStream:
-    """Per-joint held positions from one topic (JointState or JointTrajectory first points)."""
-
-    def __init__(self, topic: str):
-        self.topic = topic
-        self._times: dict[str, list[int]] = {}
-        self._values: dict[str, list[float]] = {}
-        self.series: dict[str, _HeldSeries] = {}
-
-    def add(self, t: int, names: Sequence[str], positions: Sequence[float]) -> None:
-        for name, position in zip(names, positions, strict=False):  # positions may be empty
-            self._times.setdefault(name, []).append(t)
-            self._values.setdefault(name, []).append(float(position))
-
-    def finish(self) -> None:
-        self.series = {name: _HeldSeries(self._times[name], self._values[name])
-                       for name in self._times}
-
-    @property
-    def joints(self) -> list[str]:
-        return list(self.series)
-
-    def span(self, joints: Sequence[str]) -> tuple[int, int] | None:
-        """(first, last) sample time covered by all of `joints`."""
-        if not joints or any(not len(self.series[j].times) for j in joints):
-            return None
-        return (max(int(self.series[j].times[0]) for j in joints),
-                min(int(self.series[j].times[-1]) for j in joints))
-
-    def hold(self, joints: Sequence[str], grid: np.ndarray, max_gap_ns: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """((n, len(joints)) held positions, (n,) all of them fresh)."""
-        values = np.empty((len(grid), len(joints)), dtype=np.float64)
-        fresh = np.ones(len(grid), dtype=bool)
-        for i, joint in enumerate(joints):
-            series = self.series[joint]
-            index, ok = series.hold(grid, max_gap_ns)
-            values[:, i] = series.values[index]
-            fresh &= ok
-        return values, fresh
-
-
-@dataclass
-class _ImageStream:
-    topic: str
-    msgtype: str
-    series: _HeldSeries | None = None       # values: arrival number of each message
-    log_ns: list[int] = field(default_factory=list)   # arrival number -> bag time
-    # arrival number -> how many earlier messages of the topic share its bag time (a message
-    # is found again in the second pass by its bag time and this ordinal)
-    ordinal: list[int] = field(default_factory=list)
-    _times: list[int] = field(default_factory=list)
-
-    def add(self, t: int, log_ns: int) -> None:
-        same = self.ordinal[-1] + 1 if self.log_ns and self.log_ns[-1] == log_ns else 0
-        self._times.append(t)
-        self.log_ns.append(log_ns)
-        self.ordinal.append(same)
-
-    def finish(self) -> None:
-        self.series = _HeldSeries(self._times, np.arange(len(self._times)))
-
-
-@dataclass
-class Recording:
-    """The first pass over one bag: times and values of every stream, images not decoded."""
-
-    path: Path
-    storage: str
-    start_ns: int
-    end_ns: int
-    topics: dict[str, str]
-    images: dict[str, _ImageStream]
-    state: _JointStream
-    commands: list[_JointStream]
-    instructions: list[tuple[int, str]]
-    markers: list[tuple[int, str]]
-    time_sources: dict[str, str]
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Run:
-    """A run of consecutive valid grid steps: one episode to write."""
-
-    task: str
-    grid: np.ndarray
-    state: np.ndarray
-    action: np.ndarray
-    image_index: dict[str, np.ndarray]   # topic -> arrival number per step
+__all__ = ["ACTION_SOURCES", "TIME_SOURCES", "BagConverter", "BagError", "BagReport",
+           "ConversionOptions", "convert_bags", "decode_image", "image_key_for_topic"]
 
 
 class BagConverter:
@@ -451,7 +194,7 @@ class BagConverter:
             path = path.parent   # the .mcap / .db3 file of a bag: read the whole bag
         if not (path / "metadata.yaml").is_file():
             raise BagError(f"{path} is not a rosbag2 directory (no metadata.yaml)")
-        _, reader_error, _ = _rosbags()
+        _, reader_error, _ = rosbags_api()
         notes = [note for file in sorted(path.glob("*.mcap")) if (note := check_mcap(file))]
         try:
             recording = self._read(path)
@@ -461,14 +204,14 @@ class BagConverter:
         return recording
 
     def _read(self, path: Path) -> Recording:
-        any_reader, _, typestore = _rosbags()
+        any_reader, _, typestore = rosbags_api()
         emb, opts = self.embodiment, self.options
         with any_reader([path], default_typestore=typestore) as reader:
             topics = {topic: info.msgtype for topic, info in reader.topics.items()}
             self._check_topics(path, topics)
-            images = {t: _ImageStream(t, topics[t]) for t in self.image_topics}
-            state = _JointStream(emb.joint_state_topic)
-            commands = [_JointStream(t) for t in self.command_topics if t in topics]
+            images = {t: ImageStream(t, topics[t]) for t in self.image_topics}
+            state = JointStream(emb.joint_state_topic)
+            commands = [JointStream(t) for t in self.command_topics if t in topics]
             by_topic = {s.topic: s for s in commands}
             instructions: list[tuple[int, str]] = []
             markers: list[tuple[int, str]] = []
@@ -484,9 +227,9 @@ class BagConverter:
                 if topic in images:
                     try:
                         if connection.msgtype == IMAGE:
-                            _check_encoding(msg.encoding)
+                            check_encoding(msg.encoding)
                         else:
-                            _check_compressed_format(msg.format)
+                            check_compressed_format(msg.format)
                     except BagError as exc:
                         raise BagError(f"{path}: {topic}: {exc}") from None
                     images[topic].add(t, log_ns)
@@ -511,7 +254,7 @@ class BagConverter:
             raise BagError(f"{path}: no instruction message on {emb.instruction_topic}; give "
                            "a default instruction (--default-instruction TEXT)")
         time_sources = {t: " and ".join(sorted(s)) for t, s in sources.items()}
-        return Recording(path=path, storage=_storage(path), start_ns=int(start_ns),
+        return Recording(path=path, storage=storage_of(path), start_ns=int(start_ns),
                          end_ns=int(end_ns), topics=topics, images=images, state=state,
                          commands=commands, instructions=sorted(instructions),
                          markers=sorted(markers), time_sources=time_sources)
@@ -545,7 +288,7 @@ class BagConverter:
                 raise BagError(f"{path}: topic {topic} has type {topics[topic]}, expected "
                                f"{' or '.join(types)}")
 
-    def _check_joints(self, path: Path, state: _JointStream, commands: list[_JointStream]
+    def _check_joints(self, path: Path, state: JointStream, commands: list[JointStream]
                       ) -> None:
         joints = self.embodiment.joint_names
         missing = [j for j in joints if j not in state.series]
@@ -561,7 +304,7 @@ class BagConverter:
 
     # ---- alignment --------------------------------------------------------------------------
 
-    def plan(self, recording: Recording) -> tuple[list[_Run], BagReport]:
+    def plan(self, recording: Recording) -> tuple[list[AlignedRun], BagReport]:
         """Episodes (runs of valid grid steps) of a recording, and the report of its gaps."""
         report = BagReport(bag=str(recording.path), storage=recording.storage,
                            duration_s=(recording.end_ns - recording.start_ns) / 1e9,
@@ -572,13 +315,13 @@ class BagConverter:
         if span is None:
             report.notes.append("a required stream has no messages")
             return [], report
-        runs: list[_Run] = []
+        runs: list[AlignedRun] = []
         for task, start, stop, inclusive in self._intervals(recording, span, report):
             runs.extend(self._align(recording, sources, task, start, stop, inclusive, report))
         report.gaps.sort(key=lambda g: (g.start_s, g.stream))
         return runs, report
 
-    def _command_sources(self, recording: Recording) -> list[tuple[_JointStream, list[int]]]:
+    def _command_sources(self, recording: Recording) -> list[tuple[JointStream, list[int]]]:
         """(stream, embodiment joint indices it provides): each joint from the first topic."""
         sources, taken = [], set()
         for stream in recording.commands:
@@ -634,7 +377,7 @@ class BagConverter:
                 yield task, start, stop, inclusive
 
     def _align(self, recording: Recording, sources, task: str, start: int, stop: int,
-               inclusive: bool, report: BagReport) -> list[_Run]:
+               inclusive: bool, report: BagReport) -> list[AlignedRun]:
         emb = self.embodiment
         step_ns = 1e9 / self.fps
         count = int(np.floor((stop - start) / step_ns)) + 1
@@ -671,7 +414,7 @@ class BagConverter:
             if b - a < self.options.min_episode_frames:
                 report.dropped_frames += b - a
                 continue
-            runs.append(_Run(task, grid[a:b], state[a:b], action[a:b],
+            runs.append(AlignedRun(task, grid[a:b], state[a:b], action[a:b],
                              {t: i[a:b] for t, i in image_index.items()}))
         report.dropped_frames += int((~valid).sum())
         return runs
@@ -683,15 +426,15 @@ class BagConverter:
 
     # ---- second pass ------------------------------------------------------------------------
 
-    def episodes(self, recording: Recording, runs: list[_Run]) -> Iterator[Episode]:
+    def episodes(self, recording: Recording, runs: list[AlignedRun]) -> Iterator[Episode]:
         """Decode the images of each run (one time-ranged read per episode) and yield it."""
-        any_reader, _, typestore = _rosbags()
+        any_reader, _, typestore = rosbags_api()
         with any_reader([recording.path], default_typestore=typestore) as reader:
             connections = [c for c in reader.connections if c.topic in recording.images]
             for run in runs:
                 yield self._episode(reader, connections, recording, run)
 
-    def _episode(self, reader, connections, recording: Recording, run: _Run) -> Episode:
+    def _episode(self, reader, connections, recording: Recording, run: AlignedRun) -> Episode:
         wanted: dict[tuple[str, int, int], tuple[str, int]] = {}
         for topic, index in run.image_index.items():
             stream = recording.images[topic]
@@ -728,7 +471,8 @@ class BagConverter:
 
     # ---- all together -----------------------------------------------------------------------
 
-    def write(self, recording: Recording, runs: list[_Run], report: BagReport, writer) -> None:
+    def write(self, recording: Recording, runs: list[AlignedRun], report: BagReport,
+              writer) -> None:
         """Write the planned episodes of a recording, noting their indices in the report.
 
         Args:
@@ -758,43 +502,6 @@ class BagConverter:
         return reports
 
 
-def check_mcap(path: Path) -> str:
-    """Read every record of an MCAP file, checking its CRCs; "" or a note when it has none.
-
-    `ros2 bag record` writes a CRC32 for every chunk and for the whole data section; a file
-    damaged on disk or in a copy then fails here, naming the bag, instead of converting into
-    silently wrong episodes. Files written without CRCs (CRC fields 0) cannot be checked: the
-    returned note says so and goes into the bag's report.
-
-    Raises:
-        BagError: a CRC mismatch or a record that cannot be parsed.
-    """
-    try:
-        from mcap.exceptions import McapError
-        from mcap.records import Chunk, DataEnd
-        from mcap.stream_reader import StreamReader, get_chunk_data_stream
-    except ImportError as exc:
-        raise ImportError("checking MCAP bags needs 'mcap' (pip install mcap)") from exc
-    chunk_crcs = data_crc = chunks = 0
-    try:
-        with open(path, "rb") as f:
-            for record in StreamReader(f, emit_chunks=True, validate_crcs=True).records:
-                if isinstance(record, Chunk):
-                    chunks += 1
-                    if record.uncompressed_crc:
-                        chunk_crcs += 1
-                        get_chunk_data_stream(record, validate_crc=True)
-                elif isinstance(record, DataEnd):
-                    data_crc = record.data_section_crc
-    except (McapError, ValueError, EOFError, OSError, KeyError, RuntimeError) as exc:
-        raise BagError(f"{path.parent}: {path.name} is corrupt or truncated "
-                       f"({type(exc).__name__}: {exc})") from exc
-    if chunk_crcs == 0 and not data_crc:
-        return (f"{path.name} carries no CRCs (written without them): damage to it cannot be "
-                "detected")
-    return ""
-
-
 def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) of each run of True values."""
     padded = np.concatenate([[False], np.asarray(mask, dtype=bool), [False]])
@@ -804,14 +511,6 @@ def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _false_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return _true_runs(~np.asarray(mask, dtype=bool))
-
-
-def _storage(path: Path) -> str:
-    if any(path.glob("*.mcap")):
-        return "mcap"
-    if any(path.glob("*.db3")):
-        return "sqlite3"
-    return "unknown"
 
 
 def convert_bags(bags: Sequence[str | Path], out: str | Path, embodiment: Embodiment,

@@ -10,7 +10,7 @@ Nothing is loaded twice. The Left Brain's vision tower, embeddings and decoder l
 policy's own; only the language-model head is added, and it is computed for the last position
 only: with tied embeddings (Qwen2.5-VL-3B, Qwen3-VL-4B) it is the embedding matrix itself,
 otherwise `lm_head.weight` is read from the base checkpoint's safetensors once, when the first
-question comes (in a background thread: see `LeftBrainChat.head_ready`).
+question comes (in a background thread: see `LeftBrainAnswerer.head_ready`).
 
 Generation runs in slices (`Generation.step(max_tokens)`): the policy node runs one slice
 between two inference cycles, so that answering never stops the robot's control loop.
@@ -107,7 +107,7 @@ def generation_settings(backbone_path: str | Path, tokenizer) -> tuple[list[int]
     return sorted({int(i) for i in ids if i is not None}), penalty
 
 
-class LeftBrainChat:
+class LeftBrainAnswerer:
     """Answers questions with a TwinBrainVLA's frozen Left Brain (see the module docstring)."""
 
     def __init__(self, model, max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS):
@@ -227,7 +227,7 @@ class LeftBrainChat:
 class Generation:
     """One answer being generated greedily, a slice of tokens at a time."""
 
-    chat: LeftBrainChat
+    answerer: LeftBrainAnswerer
     images: list[np.ndarray]
     question: str
     prompt: str
@@ -268,15 +268,15 @@ class Generation:
 
     def result(self) -> Answer:
         """The answer so far (complete once `done`)."""
-        tokenizer = self.chat.processor.tokenizer
+        tokenizer = self.answerer.processor.tokenizer
         text = tokenizer.decode(self.token_ids, skip_special_tokens=True).strip()
         return Answer(question=self.question, text=text, token_ids=list(self.token_ids),
                       finish=self.finish, prefill_s=self.prefill_s, decode_s=self.decode_s)
 
     def _prefill(self) -> None:
-        chat, left = self.chat, self.chat.left
-        model = chat.model
-        inputs = chat.processor.encode([self.images], [self.prompt])
+        answerer, left = self.answerer, self.answerer.left
+        model = answerer.model
+        inputs = answerer.processor.encode([self.images], [self.prompt])
         inputs = left.with_positions(inputs).to(model.device, model.dtype)
         image_embeds, deepstack = left.encode_images(inputs.pixel_values, inputs.image_grid_thw)
         embeds = left.embed(inputs.input_ids, image_embeds)
@@ -288,10 +288,10 @@ class Generation:
         # Text after the prompt continues from the prompt's largest M-RoPE position.
         self._position = int(inputs.position_ids.max()) + 1
         self._seen = inputs.input_ids
-        self._append(chat.logits(hidden[:, -1], self._seen))
+        self._append(answerer.logits(hidden[:, -1], self._seen))
 
     def _next(self) -> None:
-        left, model = self.chat.left, self.chat.model
+        left, model = self.answerer.left, self.answerer.model
         token = torch.tensor([[self.token_ids[-1]]], device=model.device)
         embeds = left.vlm.get_input_embeddings()(token)
         self._length += 1
@@ -299,13 +299,13 @@ class Generation:
         positions = torch.full((3, 1, 1), self._position, dtype=torch.long, device=model.device)
         self._position += 1
         hidden = left.decode(embeds, mask, positions, past_key_values=self._cache)
-        self._append(self.chat.logits(hidden[:, -1], self._seen))
+        self._append(self.answerer.logits(hidden[:, -1], self._seen))
 
     def _append(self, logits: torch.Tensor) -> None:
         token = int(logits.argmax(dim=-1)[0])
         self.token_ids.append(token)
         self._seen = torch.cat([self._seen, self._seen.new_tensor([[token]])], dim=1)
-        if token in self.chat.eos_ids:
+        if token in self.answerer.eos_ids:
             self.finish = "eos"
         elif len(self.token_ids) >= self.max_new_tokens:
             self.finish = "length"

@@ -7,7 +7,10 @@ checkpoints. Real weights are always loaded from a local checkpoint directory, n
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers is imported when a config is built: names stay cheap
+    from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 SIZES = ("tiny", "mid", "full")
@@ -71,6 +74,8 @@ def _qwen2_5_vl(size: str) -> Qwen2_5_VLConfig:
                 hidden_act="silu", tie_word_embeddings=True)
     vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                   tokens_per_second=2, hidden_act="silu", in_channels=3)
+    from transformers import Qwen2_5_VLConfig
+
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                             **QWEN_TOKEN_IDS)
 
@@ -105,5 +110,7 @@ def _qwen3_vl(size: str) -> Qwen3VLConfig:
                 hidden_act="silu", tie_word_embeddings=True)
     vision.update(patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                   hidden_act="gelu_pytorch_tanh", in_channels=3)
+    from transformers import Qwen3VLConfig
+
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                          **QWEN_TOKEN_IDS)

@@ -40,6 +40,49 @@ def resolve_inference(inference: str, device: torch.device) -> str:
     return inference
 
 
+def load_model(checkpoint: str, device: str = "auto", backbone_path: str | None = None):
+    """The checkpoint's model in eval mode on `device` (bf16 on CUDA, fp32 on the CPU).
+
+    Returns (model, the resolved torch device).
+    """
+    resolved = resolve_device(device)
+    dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    model = load_checkpoint(checkpoint, device=resolved, dtype=dtype,
+                            backbone_path=backbone_path)
+    return model.eval(), resolved
+
+
+def compiled_engine(model, key: str, num_cameras: int, max_instruction_tokens: int, log):
+    """A compiled `InferenceEngine` for one embodiment and camera count, warmed up.
+
+    Token buckets: the default ones below `max_instruction_tokens`, and that one. A failure is
+    never fatal: eager still works.
+
+    Returns:
+        (engine or None, state: "compiled (warm-up S s)", the engine's own "fallback: ..." or
+        "fallback to eager: <reason>", warm-up seconds or None).
+    """
+    from ..model.engine import DEFAULT_TOKEN_BUDGETS, InferenceEngine
+
+    budgets = sorted({b for b in DEFAULT_TOKEN_BUDGETS if b < max_instruction_tokens}
+                     | {int(max_instruction_tokens)})
+    try:
+        engine = InferenceEngine(model, num_cameras=num_cameras, token_budgets=tuple(budgets),
+                                 compile=True, log=log)
+        log(f"compiling the inference engine for {key!r}: {len(engine.buckets)} bucket(s), "
+            f"{num_cameras} camera(s), device {model.device}")
+        warmup_s = engine.warmup(key)
+    except Exception as error:  # noqa: BLE001 - never a dead policy: eager still works
+        log(f"the compiled inference engine for {key!r} failed ({type(error).__name__}: "
+            f"{str(error)[:300]}); running eager")
+        return None, f"fallback to eager: {type(error).__name__}: {str(error)[:200]}", None
+    state = (engine.state if engine.state.startswith("fallback")
+             else f"compiled (warm-up {warmup_s:.1f} s)")
+    log(f"inference engine ready in {warmup_s:.1f} s ({key!r}, {num_cameras} camera(s)): "
+        f"{state}")
+    return engine, state, warmup_s
+
+
 class PolicyRuntime:
     """Loads a TwinBrainVLA checkpoint and turns observations into action chunks.
 
@@ -73,56 +116,29 @@ class PolicyRuntime:
             ValueError: when the checkpoint has no entry for the embodiment's normalization key,
                 or its state/action spaces differ from the embodiment's.
         """
-        self.device = resolve_device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # A checkpoint of another robot is refused before any weight is read.
         self.spec = check_compatible(read_checkpoint_config(checkpoint)[0].embodiments,
                                      embodiment, checkpoint)
-        self.model = load_checkpoint(checkpoint, device=self.device, dtype=dtype,
-                                     backbone_path=backbone_path)
-        self.model.eval()
+        self.model, self.device = load_model(checkpoint, device, backbone_path)
         self.key = embodiment.normalization_key
         self.horizon = self.model.config.action_expert.horizon
         self.seed = seed
         self.log = log or (lambda text: None)
-        self.engine = None
         self.max_question_tokens = int(max_question_tokens)
-        self._chat = None
+        self._answerer = None
         self.inference = resolve_inference(inference, self.device)
-        self.inference_state = self.inference
-        self.warmup_s = None
+        self.engine, self.inference_state, self.warmup_s = None, self.inference, None
         if self.inference == "compiled":
-            self._build_engine(len(embodiment.image_topics), max_instruction_tokens)
+            self.engine, self.inference_state, self.warmup_s = compiled_engine(
+                self.model, self.key, len(embodiment.image_topics), max_instruction_tokens,
+                self.log)
+            if self.engine is None:
+                self.inference = "eager"
         self.identity = {"checkpoint": str(checkpoint),
                          "backbone": self.model.config.backbone_path,
                          "backbone_type": self.model.right.model_type,
                          "brain_mode": self.model.config.brain_mode,
                          "embodiment_key": self.key, "inference": self.inference_state}
-
-    def _build_engine(self, num_cameras: int, max_instruction_tokens: int) -> None:
-        from ..model.engine import DEFAULT_TOKEN_BUDGETS, InferenceEngine
-
-        budgets = sorted({b for b in DEFAULT_TOKEN_BUDGETS if b < max_instruction_tokens}
-                         | {int(max_instruction_tokens)})
-        try:
-            engine = InferenceEngine(self.model, num_cameras=num_cameras,
-                                     token_budgets=tuple(budgets), compile=True, log=self.log)
-            self.log(f"compiling the inference engine: {len(engine.buckets)} bucket(s), "
-                     f"{num_cameras} camera(s), device {self.device}")
-            self.warmup_s = engine.warmup(self.key)
-        except Exception as error:  # noqa: BLE001 - never a dead node: eager still works
-            self.inference = "eager"
-            self.inference_state = (f"fallback to eager: {type(error).__name__}: "
-                                    f"{str(error)[:200]}")
-            self.log(f"the compiled inference engine failed ({type(error).__name__}: "
-                     f"{str(error)[:300]}); running eager")
-            return
-        if engine.state.startswith("fallback"):
-            self.inference_state = engine.state
-        else:
-            self.inference_state = f"compiled (warm-up {self.warmup_s:.1f} s)"
-        self.log(f"inference engine ready in {self.warmup_s:.1f} s: {self.inference_state}")
-        self.engine = engine
 
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """The instruction's token count; `InstructionError` (with a cause) if unusable."""
@@ -137,7 +153,7 @@ class PolicyRuntime:
         Raises:
             AskError: a single-brain checkpoint, an empty, too long or special-token question.
         """
-        return self._left_chat().start(images, question, max_new_tokens)
+        return self._left_brain().start(images, question, max_new_tokens)
 
     def answering_ready(self) -> bool:
         """Whether `start_answer` can begin without reading weights.
@@ -145,14 +161,14 @@ class PolicyRuntime:
         An untied LM head is read in the background meanwhile. `AskError` for a single-brain
         checkpoint.
         """
-        return self._left_chat().head_ready()
+        return self._left_brain().head_ready()
 
-    def _left_chat(self):
-        from ..model.ask import LeftBrainChat
+    def _left_brain(self):
+        from ..model.ask import LeftBrainAnswerer
 
-        if self._chat is None:
-            self._chat = LeftBrainChat(self.model, self.max_question_tokens)
-        return self._chat
+        if self._answerer is None:
+            self._answerer = LeftBrainAnswerer(self.model, self.max_question_tokens)
+        return self._answerer
 
     def infer(self, observation: Observation, prefix: ChunkPrefix | None = None) -> ActionChunk:
         """Run the model on one observation; raises ValueError on unusable input.

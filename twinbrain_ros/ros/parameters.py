@@ -161,3 +161,22 @@ _NODE_ONLY = {
 }
 
 NODE_PARAMETERS: dict[str, Param] = {**params_of(PolicyConfig), **_NODE_ONLY}
+
+
+def parameter_table(table: dict[str, Param] | None = None) -> str:
+    """The node's parameters as a markdown table (docs/policy_node.md holds this one).
+
+    `python -m twinbrain_ros.ros.parameters` prints it; a test keeps the page in sync.
+    """
+    rows = ["| parameter | default | range | meaning |", "|---|---|---|---|"]
+    for name, param in (table or NODE_PARAMETERS).items():
+        default = f'`"{param.default}"`' if isinstance(param.default, str) else \
+            f"`{str(param.default).lower() if isinstance(param.default, bool) else param.default}`"
+        span = "" if param.range is None else f"{param.range[0]} .. {param.range[1]}"
+        meaning = param.description + (" (changeable at run time)" if param.dynamic else "")
+        rows.append(f"| `{name}` | {default} | {span} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(parameter_table())

@@ -46,9 +46,9 @@ from ..policy.config import PolicyConfig
 from ..policy.cycle_log import CycleLogs
 from ..policy.loop import PolicyLoop
 from ..policy.pipeline import PolicyPipeline
-from ..policy.runtimes import open_runtime
 from ..policy.safety import within_limits
 from ..policy.scheduler import Trajectory
+from ..serving.runtimes import open_runtime
 from .ask import QuestionDesk
 from .conversions import (
     InputError,

@@ -105,11 +105,8 @@ class PolicyServer:
                  max_instruction_tokens: int = 128, max_question_tokens: int = 256,
                  max_answer_tokens: int = 512, ask_tokens_per_slice: int = 8, log=None):
         """Load the model (and warm up the compiled engine when it is used)."""
-        import torch
-
-        from ..model.checkpoint import load_checkpoint
         from ..policy.contract import spec_dict
-        from ..policy.runtime import resolve_device, resolve_inference
+        from ..policy.runtime import load_model, resolve_inference
 
         self.log = log or (lambda text: print(text, flush=True))
         if max_batch < 1 or max_wait_ms < 0 or max_message_mb <= 0:
@@ -123,10 +120,7 @@ class PolicyServer:
                              "must be >= 1")
         self.max_answer_tokens = int(max_answer_tokens)
         self.ask_tokens_per_slice = int(ask_tokens_per_slice)
-        self.device = resolve_device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_checkpoint(checkpoint, device=self.device, dtype=dtype,
-                                     backbone_path=backbone_path).eval()
+        self.model, self.device = load_model(checkpoint, device, backbone_path)
         config = self.model.config
         processor = self.model.processor
         self.contracts = {}
@@ -140,13 +134,13 @@ class PolicyServer:
                 "max_instruction_tokens": self.max_instruction_tokens,
                 "special_tokens": processor._special_tokens(),
             }
-        self.chat = None   # the Left Brain's answers (twin checkpoints only)
+        self.answerer = None   # the Left Brain's answers (twin checkpoints only)
         if config.brain_mode == "twin":
-            from ..model.ask import LeftBrainChat
+            from ..model.ask import LeftBrainAnswerer
 
-            self.chat = LeftBrainChat(self.model, int(max_question_tokens))
+            self.answerer = LeftBrainAnswerer(self.model, int(max_question_tokens))
             # An untied LM head is read now, not while robots wait for chunks.
-            self.chat.head  # noqa: B018
+            self.answerer.head  # noqa: B018
         cameras = [c["num_cameras"] for c in self.contracts.values()]
         self.max_question_images = max(cameras) if all(cameras) else 16
         self._questions: list[_Question] = []   # being answered, first come first served
@@ -164,22 +158,15 @@ class PolicyServer:
         self.connections = 0   # clients past the handshake
 
     def _build_engines(self) -> None:
-        from ..model.engine import InferenceEngine
+        """A compiled engine per embodiment (its camera count), as a local policy builds it."""
+        from ..policy.runtime import compiled_engine
 
         for key, contract in self.contracts.items():
             cameras = contract["num_cameras"] or 1
-            try:
-                engine = InferenceEngine(self.model, num_cameras=cameras,
-                                         token_budgets=(32, self.max_instruction_tokens),
-                                         compile=True, log=self.log)
-                seconds = engine.warmup(key)
-            except Exception as error:  # noqa: BLE001 - eager still serves
-                self.log(f"compiled engine for {key!r} failed ({type(error).__name__}: "
-                         f"{shorten(str(error), 200)}); serving eager")
-                continue
-            self.engines[(key, cameras)] = engine
-            self.log(f"compiled engine for {key!r} ({cameras} camera(s)) ready in "
-                     f"{seconds:.1f} s: {engine.state}")
+            engine, _, _ = compiled_engine(self.model, key, cameras,
+                                           self.max_instruction_tokens, self.log)
+            if engine is not None:
+                self.engines[(key, cameras)] = engine
 
     # -- model thread ------------------------------------------------------------------------
 
@@ -265,7 +252,7 @@ class PolicyServer:
             return
         try:
             if question.generation is None:
-                question.generation = self.chat.start(question.images, question.question,
+                question.generation = self.answerer.start(question.images, question.question,
                                                       question.max_new_tokens)
                 question.generation.step(1)
             else:
@@ -418,7 +405,7 @@ class PolicyServer:
         """A checked ask message (the question's tokens are checked by the model thread)."""
         if not isinstance(message.get("id"), int):
             raise ProtocolError("malformed", "an ask message needs an integer id")
-        if self.chat is None:
+        if self.answerer is None:
             raise ProtocolError("no_left_brain", "this checkpoint has brain_mode 'single': "
                                                  "there is no frozen Left Brain to answer "
                                                  "questions")
@@ -432,7 +419,7 @@ class PolicyServer:
         question = message.get("question")
         if not isinstance(question, str):
             raise ProtocolError("bad_question", "question must be a string")
-        self.chat.check_question(question)
+        self.answerer.check_question(question)
         max_new_tokens = message.get("max_new_tokens")
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens:
             raise ProtocolError("bad_max_new_tokens", "max_new_tokens must be a positive "

@@ -57,13 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..robot.embodiment import Embodiment
-from ..robot.kinematics import (
-    WIDOWX_ARM_JOINTS,
-    bounded_pose_delta,
-    rotation_angle,
-    top_down_rotation,
-)
+from ..robot.kinematics import WIDOWX_ARM_JOINTS, WIDOWX_FINGER
 from .base import Episode, ScriptedExpert, SimBackend, SimError
+from .experts import TopDownGeometry, TopDownMotion, TopDownPickPlace
 
 
 @dataclass(frozen=True)
@@ -270,8 +266,8 @@ class SimplerWidowXBackend(SimBackend):
         if not 0.05 <= render_scale <= 2.0:
             raise SimError(f"render_scale must be within [0.05, 2], got {render_scale}")
         missing = [n for n in embodiment.joint_names
-                   if n not in (*WIDOWX_ARM_JOINTS, "left_finger")]
-        if missing or embodiment.gripper_joint != "left_finger":
+                   if n not in (*WIDOWX_ARM_JOINTS, WIDOWX_FINGER)]
+        if missing or embodiment.gripper_joint != WIDOWX_FINGER:
             raise SimError(f"the WX250s has no joints {missing}, or the gripper joint "
                            f"{embodiment.gripper_joint!r} is not 'left_finger'")
         self.embodiment = embodiment
@@ -302,8 +298,9 @@ class SimplerWidowXBackend(SimBackend):
         robot = env.agent.robot
         names = [j.name for j in robot.get_active_joints()]
         self._joint_index = np.array([names.index(n) for n in embodiment.joint_names])
-        self._gripper_index = embodiment.joint_names.index("left_finger")
-        self._arm_index = np.array([embodiment.joint_names.index(n) for n in WIDOWX_ARM_JOINTS])
+        self._gripper_index = embodiment.joint_names.index(WIDOWX_FINGER)
+        self._arm_index = np.array([embodiment.joint_names.index(n)
+                                    for n in WIDOWX_ARM_JOINTS])
         self._physics_steps = round(self.sim_dt * PHYSICS_HZ)
         self._steps_per_period = round(CONTROL_PERIOD_S / self.sim_dt)
         self.layouts = len(env.xyz_configs) * len(env.quat_configs)
@@ -467,45 +464,30 @@ class SimplerWidowXBackend(SimBackend):
         """A scripted grasp-and-place expert for the current episode."""
         if self.episode is None:
             raise SimError("call reset() before expert()")
-        return BridgeExpert(self)
+        return TopDownPickPlace(BridgeGeometry(self), BRIDGE_MOTION)
 
 
-class BridgeExpert(ScriptedExpert):
-    """Pick the source object and put it on (or in) the target, from privileged state.
+class BridgeGeometry(TopDownGeometry):
+    """SimplerEnv's Bridge scenes for `TopDownPickPlace`: the source object onto the target.
 
-    Acts in the embodiment's Bridge end-effector delta space, computed each period from the
-    measured end-effector pose and the objects' current poses. The gripper points down and
-    closes across the object: across the long axis of the spoon, carrot and eggplant, across a
-    face of the cube, turned the least from the arm's natural wrist angle. Phases: approach
-    (above the grasp point, turned), descend, close, lift, carry (above the target), lower,
-    release, retreat; a grasp that does not lift the object is retried from the approach.
+    The gripper closes across the object: across the long axis of the spoon, carrot and
+    eggplant, across a face of the cube, turned the least from the arm's natural wrist angle
+    (with `wrist_rotate` at zero a top-down gripper closes across the arm's plane, at
+    `atan2(y, x) + pi/2`; a cube's faces repeat every 90 degrees, a long object's axis every
+    180).
     """
 
-    HOVER = 0.07            # m above the grasp point while approaching
-    CARRY = 0.08            # m: lift of the end effector above the grasp height
-    CLOSE_STEPS = 3
-    RELEASE_STEPS = 2
     MIN_GRASP_HEIGHT = 0.012  # m: end effector above the table top (fingertips clear it)
-    DONE_PERIODS = 3        # periods of hovering after the release that end a demonstration
 
-    def __init__(self, backend: SimplerWidowXBackend, max_translation: float = 0.04,
-                 max_rotation: float = 0.3):
-        """Start in the approach phase with the gripper open."""
+    def __init__(self, backend: SimplerWidowXBackend):
+        """Grasp the backend's source object; note the table's height under it."""
         self.backend = backend
-        self.max_translation = float(max_translation)
-        self.max_rotation = float(max_rotation)
-        self.phase = "approach"
-        self.retries = 0
-        self._counter = 0
-        self._grasp_yaw: float | None = None
-        self._grasp = np.zeros(3)
-        self._held_still = 0       # periods spent hovering after the release
         source = backend.object_pose("source")
         centre, half = backend.object_box("source")
         self._table_z = float((source[:3, :3] @ centre + source[:3, 3])[2]
                               - np.abs(source[:3, :3] @ half)[2])
 
-    def _box(self, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def box(self, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """An object's box in the base frame.
 
         Returns (centre, half extents along the base axes, rotation, half extents along its
@@ -516,16 +498,13 @@ class BridgeExpert(ScriptedExpert):
         rotation = pose[:3, :3]
         return rotation @ centre + pose[:3, 3], np.abs(rotation) @ half, rotation, half
 
-    def _choose_grasp_yaw(self, centre: np.ndarray, rotation: np.ndarray,
-                          half: np.ndarray) -> float:
-        """Finger direction across the object, the one needing least wrist rotation.
+    def ee_pose(self) -> np.ndarray:
+        """The measured end-effector pose."""
+        return self.backend.ee_pose()
 
-        `half` is the object's half extents along its own axes (the columns of `rotation`).
-
-        With `wrist_rotate` at zero a top-down gripper closes across the arm's plane, at
-        `atan2(y, x) + pi/2`. A cube's faces repeat every 90 degrees; a long object is held
-        across its longest horizontal axis, which repeats every 180.
-        """
+    def grasp(self) -> tuple[np.ndarray, float]:
+        """The box's centre (no lower than the table allows) and the yaw across the object."""
+        centre, _, rotation, half = self.box("source")
         natural = math.atan2(centre[1], centre[0]) + math.pi / 2
         axes = rotation[:2, :]                 # horizontal part of the object's axes
         if self.backend.spec.shape == "cube":
@@ -535,85 +514,34 @@ class BridgeExpert(ScriptedExpert):
             axis = axes[:, int(np.argmax(lengths))]
             yaw, period = math.atan2(axis[1], axis[0]) + math.pi / 2, math.pi
         k = round((natural - yaw) / period)
-        return yaw + k * period
-
-    @property
-    def done(self) -> bool:
-        """Released and back at the hover height for `DONE_PERIODS` periods."""
-        return self._held_still >= self.DONE_PERIODS
-
-    def act(self) -> np.ndarray:
-        """The next action: 6 end-effector deltas and the gripper (1 open, 0 closed)."""
-        backend = self.backend
-        pose = backend.ee_pose()
-        position = pose[:3, 3]
-        centre, half, rotation, own_half = self._box("source")
-        if self._grasp_yaw is None or self.phase == "approach":
-            self._grasp_yaw = self._choose_grasp_yaw(centre, rotation, own_half)
-        orientation = top_down_rotation(self._grasp_yaw)
-        grasp = np.array([centre[0], centre[1],
+        point = np.array([centre[0], centre[1],
                           max(centre[2], self._table_z + self.MIN_GRASP_HEIGHT)])
-        gripper = 1.0
+        return point, yaw + k * period
 
-        def error(goal: np.ndarray) -> float:
-            return float(np.linalg.norm(goal - position))
+    def lift_height(self) -> float:
+        """The source object's height above its rest."""
+        return self.backend.lift_height()
 
-        if self.phase == "approach":
-            goal = grasp + (0.0, 0.0, self.HOVER)
-            if (np.linalg.norm(goal[:2] - position[:2]) < 0.01 and error(goal) < 0.02
-                    and rotation_angle(orientation, pose[:3, :3]) < 0.08):
-                self.phase = "descend"
-        if self.phase == "descend":
-            goal = grasp
-            if error(goal) < 0.008:
-                self.phase, self._counter = "close", 0
-                self._grasp = goal.copy()
-        if self.phase == "close":
-            goal, gripper = self._grasp, 0.0
-            self._counter += 1
-            if self._counter > self.CLOSE_STEPS:
-                self.phase = "lift"
-        if self.phase == "lift":
-            gripper = 0.0
-            goal = self._grasp + (0.0, 0.0, self.CARRY)
-            raised = position[2] - self._grasp[2]
-            if raised > 0.03 and backend.lift_height() < raised - 0.02:
-                self.phase, gripper, self.retries = "approach", 1.0, self.retries + 1
-                goal = grasp + (0.0, 0.0, self.HOVER)
-            elif raised > self.CARRY - 0.02:
-                self.phase = "carry"
-        if self.phase in ("carry", "lower"):
-            gripper = 0.0
-            # SimplerEnv measures "on the target" between the objects' origins (x, y) and
-            # between their boxes (z): the origin goes over the target's origin.
-            target_top = self._box("target")
-            target_origin = backend.object_pose("target")[:3, 3]
-            source_origin = backend.object_pose("source")[:3, 3]
-            held = position - source_origin
-            bottom = centre[2] - half[2] - source_origin[2]     # box bottom below the origin
-            drop = np.array([target_origin[0], target_origin[1],
-                             target_top[0][2] + target_top[1][2] - bottom
-                             + backend.spec.place_clearance]) + held
-            if backend.lift_height() < 0.01 and self.phase == "carry":
-                self.phase, gripper = "approach", 1.0   # dropped on the way: pick it up again
-                goal = grasp + (0.0, 0.0, self.HOVER)
-            elif self.phase == "carry":
-                goal = np.array([drop[0], drop[1], max(drop[2], position[2])])
-                if np.linalg.norm(goal[:2] - position[:2]) < 0.01:
-                    self.phase = "lower"
-            if self.phase == "lower":
-                goal = drop
-                if error(goal) < 0.008:
-                    self.phase, self._counter = "release", 0
-        if self.phase == "release":
-            goal, gripper = position.copy(), 1.0
-            self._counter += 1
-            if self._counter > self.RELEASE_STEPS:
-                self.phase = "retreat"
-                self._grasp = position.copy()
-        if self.phase == "retreat":
-            goal = self._grasp + (0.0, 0.0, self.HOVER)
-            self._held_still = self._held_still + 1 if error(goal) < 0.01 else 0
-        delta = bounded_pose_delta(pose, goal, orientation, self.max_translation,
-                                   self.max_rotation)
-        return np.concatenate([delta, [gripper]])
+    def drop(self, pose: np.ndarray) -> np.ndarray:
+        """The source over the target, as SimplerEnv judges "on the target".
+
+        SimplerEnv measures it between the objects' origins (x, y) and between their boxes
+        (z): the source's origin goes over the target's origin, its box bottom
+        `place_clearance` above the target's top; the end effector keeps its hold offset.
+        """
+        backend = self.backend
+        centre, half, _, _ = self.box("source")
+        target_centre, target_half, _, _ = self.box("target")
+        target_origin = backend.object_pose("target")[:3, 3]
+        source_origin = backend.object_pose("source")[:3, 3]
+        held = pose[:3, 3] - source_origin
+        bottom = centre[2] - half[2] - source_origin[2]     # box bottom below the origin
+        return np.array([target_origin[0], target_origin[1],
+                         target_centre[2] + target_half[2] - bottom
+                         + backend.spec.place_clearance]) + held
+
+
+# Larger steps than the tabletop's (4 cm, 0.3 rad per period): the expert of SimplerEnv's 60
+# periods must finish in time.
+BRIDGE_MOTION = TopDownMotion(lift=0.08, grasp_tolerance=0.008, drop_tolerance=0.008,
+                              carry_height=None, max_translation=0.04, max_rotation=0.3)

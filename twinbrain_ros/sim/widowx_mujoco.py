@@ -48,13 +48,12 @@ import numpy as np
 from ..robot.embodiment import Embodiment
 from ..robot.kinematics import (
     WIDOWX_ARM_JOINTS,
-    bounded_pose_delta,
-    rotation_angle,
-    top_down_rotation,
+    WIDOWX_FINGER,
     widowx_urdf,
     widowx_xacro_path,
 )
 from .base import Episode, ScriptedExpert, SimBackend, SimError, stiffen_joint_limits
+from .experts import TopDownGeometry, TopDownMotion, TopDownPickPlace
 
 ROBOT = "wx250s"
 COLORS = {  # solid, clearly distinct cube colours (RGBA)
@@ -298,7 +297,7 @@ class WidowXMujocoBackend(SimBackend):
         m = self.model
         missing = [n for n in embodiment.joint_names
                    if mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_ACTUATOR, n) < 0]
-        if missing or embodiment.gripper_joint != "left_finger":
+        if missing or embodiment.gripper_joint != WIDOWX_FINGER:
             raise SimError(f"the WX250s model has no actuated joints {missing}, or the gripper "
                            f"joint {embodiment.gripper_joint!r} is not 'left_finger'")
         joints = [m.joint(n) for n in embodiment.joint_names]
@@ -515,118 +514,49 @@ class WidowXMujocoBackend(SimBackend):
         """A scripted top-down grasping expert for the current episode."""
         if self._layout is None:
             raise SimError("call reset() before expert()")
-        return CubeExpert(self)
+        return TopDownPickPlace(CubeGeometry(self), CUBE_MOTION)
 
 
-class CubeExpert(ScriptedExpert):
-    """Top-down pick (and place) from privileged state, as Bridge end-effector deltas.
+class CubeGeometry(TopDownGeometry):
+    """The MuJoCo tabletop for `TopDownPickPlace`: the target cube, and the plate to place on.
 
-    Every action is computed from the *measured* end-effector pose and the current object
-    poses, so the expert closes the loop on tracking errors and on cubes that moved. Phases:
-    approach (above the cube, gripper yaw aligned with a cube face), descend, close, lift; for
-    placing then carry (above the plate), lower, release and retreat. A grasp that does not
-    lift the cube is retried from the approach.
-
-    Attributes:
-        phase: the current phase name.
-        max_translation: largest translation per action (m), for smooth motion within the
-            embodiment's joint step limits.
-        max_rotation: largest rotation per action (rad).
+    The fingers close along a cube face, the one needing least wrist rotation: with
+    `wrist_rotate` at zero a top-down gripper closes across the arm's plane, at
+    `atan2(y, x) + pi/2`, and the cube's faces repeat every 90 degrees.
     """
 
-    HOVER = 0.07          # m above the grasp height while approaching and carrying
     GRASP_OFFSET = 0.005  # m: end effector above the cube centre (fingertips clear the table)
-    LIFT = 0.10           # m: lift height of the end effector above the grasp height
-    CLOSE_STEPS = 3
-    RELEASE_STEPS = 2
 
-    def __init__(self, backend: WidowXMujocoBackend, max_translation: float = 0.03,
-                 max_rotation: float = 0.15):
-        """Start in the approach phase with the gripper open."""
+    def __init__(self, backend: WidowXMujocoBackend):
+        """Grasp cube 0 of the backend's episode; place it when the task says so."""
         self.backend = backend
         self.place = backend.task == "put_cube_on_plate"
-        self.max_translation = float(max_translation)
-        self.max_rotation = float(max_rotation)
-        self.phase = "approach"
-        self._counter = 0
-        self._grasp_yaw: float | None = None
-        self._grasp_xy, self._grasp_z = np.zeros(2), 0.0
-        self.retries = 0
 
-    def _choose_grasp_yaw(self, cube_position: np.ndarray, cube_rotation: np.ndarray) -> float:
-        """Finger direction along a cube face, the one needing least wrist rotation.
+    def ee_pose(self) -> np.ndarray:
+        """The measured end-effector pose."""
+        return self.backend.ee_pose()
 
-        With `wrist_rotate` at zero a top-down gripper closes across the arm's plane, at
-        `atan2(y, x) + pi/2`; the cube's faces repeat every 90 degrees.
-        """
-        natural = math.atan2(cube_position[1], cube_position[0]) + math.pi / 2
-        cube_yaw = math.atan2(cube_rotation[1, 0], cube_rotation[0, 0])
+    def grasp(self) -> tuple[np.ndarray, float]:
+        """Just above the cube's centre, fingers along its face nearest the natural yaw."""
+        position, rotation = self.backend.cube_pose(0)
+        natural = math.atan2(position[1], position[0]) + math.pi / 2
+        cube_yaw = math.atan2(rotation[1, 0], rotation[0, 0])
         k = round((natural - cube_yaw) / (math.pi / 2))
-        return cube_yaw + k * math.pi / 2
+        return position + (0.0, 0.0, self.GRASP_OFFSET), cube_yaw + k * math.pi / 2
 
-    def act(self) -> np.ndarray:
-        """The next action: 6 end-effector deltas and the gripper (1 open, 0 closed)."""
-        backend = self.backend
-        pose = backend.ee_pose()
-        cube, cube_rotation = backend.cube_pose(0)
-        if self._grasp_yaw is None or self.phase == "approach":
-            self._grasp_yaw = self._choose_grasp_yaw(cube, cube_rotation)
-        rotation = top_down_rotation(self._grasp_yaw)
-        grasp = cube + (0.0, 0.0, self.GRASP_OFFSET)
-        gripper = 1.0
+    def lift_height(self) -> float:
+        """The cube's height above its rest."""
+        return self.backend.lift_height(0)
 
-        def position_error(goal: np.ndarray) -> float:
-            return float(np.linalg.norm(goal - pose[:3, 3]))
+    def drop(self, pose: np.ndarray) -> np.ndarray | None:
+        """The cube resting on the plate, as it sits in the gripper now (placing only)."""
+        if not self.place:
+            return None
+        plate = self.backend.plate_position()
+        held_offset = pose[:3, 3] - self.backend.cube_pose(0)[0]
+        return np.array([*plate[:2], plate[2] + CUBE_HALF + 0.004]) + held_offset
 
-        # Phases in order; one that completes hands over to the next within the same call.
-        if self.phase == "approach":
-            goal = grasp + (0.0, 0.0, self.HOVER)
-            if (np.linalg.norm(goal[:2] - pose[:2, 3]) < 0.01 and position_error(goal) < 0.02
-                    and rotation_angle(rotation, pose[:3, :3]) < 0.08):
-                self.phase = "descend"
-        if self.phase == "descend":
-            goal = grasp
-            if position_error(goal) < 0.007:
-                self.phase, self._counter = "close", 0
-                self._grasp_xy, self._grasp_z = goal[:2].copy(), float(goal[2])
-        if self.phase == "close":
-            goal, gripper = grasp, 0.0
-            self._counter += 1
-            if self._counter > self.CLOSE_STEPS:
-                self.phase = "lift"
-        if self.phase == "lift":
-            gripper = 0.0
-            goal = np.array([*self._grasp_xy, self._grasp_z + self.LIFT])
-            raised = pose[2, 3] - self._grasp_z
-            if raised > 0.03 and backend.lift_height(0) < raised - 0.02:
-                # The cube stayed behind: open and try again.
-                self.phase, gripper, self.retries = "approach", 1.0, self.retries + 1
-                goal = grasp + (0.0, 0.0, self.HOVER)
-            elif self.place and raised > self.LIFT - 0.02:
-                self.phase = "carry"
-        if self.phase in ("carry", "lower"):
-            gripper = 0.0
-            plate = backend.plate_position()
-            held_offset = pose[:3, 3] - cube  # where the cube sits in the gripper
-            drop = np.array([*plate[:2], plate[2] + CUBE_HALF + 0.004]) + held_offset
-            if backend.lift_height(0) < 0.01 and self.phase == "carry":
-                self.phase, gripper = "approach", 1.0  # dropped on the way: pick it up again
-                goal = grasp + (0.0, 0.0, self.HOVER)
-            elif self.phase == "carry":
-                goal = drop + (0.0, 0.0, self.HOVER)
-                if np.linalg.norm(goal[:2] - pose[:2, 3]) < 0.01:
-                    self.phase = "lower"
-            if self.phase == "lower":
-                goal = drop
-                if position_error(goal) < 0.006:
-                    self.phase, self._counter = "release", 0
-        if self.phase == "release":
-            goal, gripper = pose[:3, 3].copy(), 1.0
-            self._counter += 1
-            if self._counter > self.RELEASE_STEPS:
-                self.phase = "retreat"
-                self._grasp_z = float(pose[2, 3])
-        if self.phase == "retreat":
-            goal = np.array([*pose[:2, 3], self._grasp_z + self.HOVER])
-        delta = bounded_pose_delta(pose, goal, rotation, self.max_translation, self.max_rotation)
-        return np.concatenate([delta, [gripper]])
+
+# Small steps (3 cm, 0.15 rad per period) within the WidowX's joint step limits.
+CUBE_MOTION = TopDownMotion(lift=0.10, grasp_tolerance=0.007, drop_tolerance=0.006,
+                            carry_height=0.07, max_translation=0.03, max_rotation=0.15)

@@ -16,7 +16,6 @@ import argparse
 from pathlib import Path
 
 from ..model.presets import FAMILIES
-from ..model.tiny import make_tiny_checkpoint, make_tiny_policy_checkpoint
 from ..robot.embodiment import Embodiment
 
 
@@ -27,6 +26,8 @@ def make_tiny_policy(embodiment: str, out: str | Path, family: str = "qwen2_5_vl
     The policy checkpoint records the backbone's absolute path, so it loads from anywhere.
     Returns the policy checkpoint directory.
     """
+    from ..model.tiny import make_tiny_checkpoint, make_tiny_policy_checkpoint
+
     robot = Embodiment.resolve(embodiment)
     out = Path(out).resolve()
     backbone = make_tiny_checkpoint(family, out / "backbone", seed=seed)
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{path}\ntry it: ros2 launch twinbrain_ros policy.launch.py "
                   f"embodiment:={args.policy} checkpoint:={path}")
             return 0
+        from ..model.tiny import make_tiny_checkpoint
+
         path = make_tiny_checkpoint(args.family, args.out, seed=args.seed)
     except (OSError, ValueError) as error:
         print(f"make_tiny_checkpoint: {error}")

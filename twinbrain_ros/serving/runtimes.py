@@ -1,4 +1,4 @@
-"""Opening the policy's runtime: a local checkpoint or a policy server (torch-free to import).
+"""The runtime a robot's policy runs on: a local checkpoint or a policy server.
 
 A local `PolicyRuntime` (torch, transformers) is imported only when a checkpoint is opened; a
 `RemoteRuntime` needs neither, so that a robot computer can run the node without them.
@@ -38,8 +38,8 @@ def open_runtime(embodiment, *, checkpoint: str = "", server: str = "",
     """
     noise_seed = None if seed < 0 else int(seed)
     if server:
-        from ..serving.client import RemoteRuntime
-        from ..serving.protocol import read_token
+        from .client import RemoteRuntime
+        from .protocol import read_token
 
         if image_transport not in ("jpeg", "png"):
             raise ValueError(f"image_transport must be jpeg or png, got {image_transport!r}")
@@ -50,7 +50,7 @@ def open_runtime(embodiment, *, checkpoint: str = "", server: str = "",
     if not checkpoint:
         raise ValueError("parameter 'checkpoint' is required (a checkpoint directory), or "
                          "'server' (HOST:PORT of a policy server)")
-    from .runtime import PolicyRuntime
+    from ..policy.runtime import PolicyRuntime
 
     return PolicyRuntime(checkpoint, embodiment, device=device,
                          backbone_path=backbone_path or None, seed=noise_seed,
