@@ -335,6 +335,11 @@ def test_parameters_carry_types_ranges_descriptions_and_read_only_flags(robot, g
     assert not result.successful
 
 
+def test_a_renamed_parameter_is_named_at_start(robot, gr1_runtime, tmp_path):
+    with pytest.raises(ValueError, match="parameter 'record_path' is now 'rerun_path'"):
+        in_process_policy_node(robot, gr1_runtime, record_path=str(tmp_path))
+
+
 def test_an_out_of_range_parameter_is_refused_at_start(ros_env, tmp_path, tiny_backbones):
     import os
     import subprocess

@@ -363,3 +363,20 @@ def test_the_loop_delays_chunks_and_logs_holds_with_their_cause(tmp_path):
     assert pipeline.latencies[0] == pytest.approx(0.3)
     paths = set(RrdReader(str(tmp_path / "episode.rrd")).store().schema().entity_paths())
     assert {"/events/holds", "/chunks/0000", "/joints/sent", "/camera/0"} <= paths
+
+
+def test_a_clock_that_goes_back_plans_afresh():
+    from twinbrain_ros.policy.loop import PolicyLoop
+
+    # A simulator restarted under a running node: simulated time starts again from zero. The
+    # plan and the next cycle's time belong to the old timeline; the loop plans at once.
+    reports = []
+    robot = StillRobot()
+    loop = PolicyLoop(_pipeline(ScriptedRuntime([_ramp(0.0)] * 3), TOY), PolicyConfig(),
+                      robot, report=lambda cause, *_: reports.append(cause))
+    loop.tick()
+    robot.time = 2.0 + TOY.dt
+    assert loop.next_due() > robot.time and len(robot.sent) == 1
+    robot.time = 0.5
+    assert loop.tick() == pytest.approx(0.5 + 4 * TOY.dt)
+    assert reports == ["clock_reset"] and [t for t, _ in robot.sent] == [2.0, 0.5]

@@ -24,8 +24,8 @@ Flow-matching convention used throughout this module:
   the actions that execute while the model runs are reproduced exactly); smaller weights let the
   model depart from the old plan where it has had time to see something new. Since every action
   token attends to the others, the free actions follow from the inpainted ones. The weights
-  (`twinbrain_ros.model.rtc.rtc_weights`) are 1 over the frozen prefix, ramp down over the rest
-  of the overlap and are 0 after it. This is the guidance-free form of the paper's inpainting
+  (`twinbrain_ros.transforms.rtc.rtc_weights`) are 1 over the frozen prefix, ramp down over the
+  rest of the overlap and are 0 after it. This is the guidance-free form of the paper's inpainting
   (no Jacobian through the network): with 4 Euler steps it costs nothing measurable.
 
 Architecture: per-step MLP action encoder plus learned positional embedding, a sinusoidal

@@ -142,7 +142,11 @@ class CycleLogs:
         """The episode's log (a new file, starting with the instruction, on a new episode)."""
         if self.current is not None and self.episode == episode:
             return self.current
-        self.close()
+        try:
+            self.close()
+        except Exception as error:  # noqa: BLE001 - the last episode's file: stop logging
+            self._failed(error, failed)
+            return None
         try:
             self.current = CycleLog(self.path_for(episode, instruction), self.joint_names)
             self.episode = episode

@@ -129,6 +129,7 @@ class PolicyLoop:
         self.chunks_scheduled = 0        # chunks joined into the plan (sent or not)
         self._pending: _Pending | None = None
         self._next_start = -float("inf")
+        self._last_now = -float("inf")
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -153,6 +154,13 @@ class PolicyLoop:
         advances in steps, the simulator's).
         """
         now = self.io.now()
+        if now + 1e-9 < self._last_now:
+            # The clock went back (a simulator restarted, a bag looped): the plan, a pending
+            # chunk and the next cycle's time belong to the old timeline.
+            self.report("clock_reset", f"the clock went back from {self._last_now:.3f} to "
+                                       f"{now:.3f} s: planning afresh")
+            self.reset()
+        self._last_now = now
         if self._pending is not None:
             if not deliver and now + 1e-9 < self._pending.ready:
                 return self._pending.ready
@@ -254,7 +262,7 @@ class PolicyLoop:
         self.chunks_scheduled += 1
         if result.dropped_actions:
             self.report("late_actions_dropped", "", "count", result.dropped_actions)
-        return True
+        return sent  # not sent (refused, shutting down): look again one period later
 
     def _measured_or(self, fallback: np.ndarray) -> np.ndarray:
         measured = self.io.measured()
@@ -345,7 +353,10 @@ class PolicyLoop:
         self.logs = None
 
     def close(self) -> None:
-        """Close the open log (call once the loop has stopped)."""
+        """Close the open log (call once the loop has stopped); a failure is reported."""
         if self.logs is not None:
             with self.lock:
-                self.logs.close()
+                try:
+                    self.logs.close()
+                except Exception as error:  # noqa: BLE001 - shutting down: report, go on
+                    self._log_failed(error)

@@ -101,7 +101,7 @@ def hold_trajectory(joint_names: list[str], now: float, position: np.ndarray, dt
     position = np.asarray(position, dtype=np.float64)
     return Trajectory(joint_names=list(joint_names), start_time=now,
                       time_from_start=np.array([dt]), positions=position[None].copy(),
-                      velocities=np.zeros((1, len(position))))
+                      velocities=np.zeros((1, len(position))), hold=True)
 
 
 def within_limits(positions, lower: np.ndarray, upper: np.ndarray) -> bool:

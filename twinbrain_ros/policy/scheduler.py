@@ -78,11 +78,12 @@ class Trajectory:
     time_from_start: np.ndarray  # (K,)
     positions: np.ndarray        # (K, n)
     velocities: np.ndarray       # (K, n)
+    hold: bool = False           # keeps the robot where it is (not a plan)
 
     @property
     def is_hold(self) -> bool:
-        """A hold: one point, at rest."""
-        return len(self.positions) == 1 and not np.any(self.velocities)
+        """Whether this keeps the robot where it is rather than executing a plan."""
+        return self.hold
 
 
 class ActionChunkScheduler:

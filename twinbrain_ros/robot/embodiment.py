@@ -47,7 +47,7 @@ class Embodiment:
         state_space: how the state is measured ("joint_position").
         normalization_key: the checkpoint entry (state encoder + statistics) to use.
         action_normalization, state_normalization: statistics mode of actions / states
-            (`q01_q99`, `min_max` or `mean_std`, see `twinbrain_ros.model.normalization`).
+            (`q01_q99`, `min_max` or `mean_std`, see `twinbrain_ros.transforms.normalization`).
         gripper_joint: the gripper joint in `joint_names` ("" if none).
         gripper_open_position, gripper_closed_position: joint values of a binary gripper.
         grasp_joints: joints that a grasped object can stop while they close (empty: the

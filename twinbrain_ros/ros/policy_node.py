@@ -66,6 +66,8 @@ from .watch import InputWatch
 
 __all__ = ["MAX_CAUSES", "PolicyNode", "main"]
 
+RENAMED = {"record_path": "rerun_path"}  # old name -> new name
+
 
 def _guarded(callback):
     """Executor callbacks never raise: `rclpy.spin` would end the node. Errors are counted."""
@@ -91,6 +93,10 @@ class PolicyNode(Node):
         super().__init__("policy_node", **node_kwargs)
         self._created = time.monotonic()
         self.embodiment = emb = declare_embodiment(self)
+        renamed = sorted(set(RENAMED) & set(getattr(self, "_parameter_overrides", {})))
+        if renamed:  # an old params file would otherwise lose them without a word
+            raise ValueError(", ".join(f"parameter {old!r} is now {RENAMED[old]!r}"
+                                       for old in renamed))
         self.params = p = declare_parameters(self, NODE_PARAMETERS)
         self.config = PolicyConfig(**{k: p[k] for k in PolicyConfig.__dataclass_fields__})
         if runtime is None:
@@ -385,7 +391,7 @@ class PolicyNode(Node):
 
         The limit: `stall_timeout_s`, at least 3 replanning periods plus the p95 latency.
         """
-        latencies = [c["model_s"] for c in self.loop.cycles]
+        latencies = [c["model_s"] for c in list(self.loop.cycles)]  # the worker appends
         p95 = float(np.percentile(latencies, 95)) if latencies else 0.0
         limit = max(float(self.params["stall_timeout_s"]), 3.0 * (self.loop.period + p95))
         idle = time.monotonic() - self.heartbeat

@@ -25,7 +25,7 @@ Robots connect with `policy.launch.py server:=HOST:PORT` (the policy node as a c
   question whose client stopped waiting (`timeout_s`) is dropped.
 - Real-time chunking: an infer message may carry the previous plan's overlap (`prefix`:
   actions in raw units, how many are frozen, the schedule); the sampler inpaints it
-  (`twinbrain_ros.model.rtc`). Requests with and without one batch together.
+  (`twinbrain_ros.transforms.rtc`). Requests with and without one batch together.
 - Faults and security: the server binds to the loopback address unless told otherwise; with a
   token file every client must present the token (compared in constant time), or it is refused
   and logged. A message larger than `max_message_mb`, a malformed frame, an unknown type, a
