@@ -9,7 +9,6 @@ command line.
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -152,7 +151,7 @@ def run_over_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path
     tasks = config.tasks
     processes = []
     log_dir = out / "logs"
-    env = ros_environment(Path(tempfile.mkdtemp(prefix="twinbrain_eval_ros_")))
+    env = ros_environment(log_dir / "ros")  # the nodes' ROS logs, beside their output
     if config.policy != "external":
         bridge_params = {"embodiment": config.embodiment, "backend": config.backend,
                          "task": tasks[0], "start_episode": False,

@@ -19,15 +19,15 @@ from pathlib import Path
 def ros_environment(log_dir: Path | None = None) -> dict[str, str]:
     """Environment for child nodes: a domain id, local discovery and a log directory.
 
-    Values already set by the user are kept; the chosen ones are also put into this process's
-    environment so that its own rclpy context joins the same domain.
+    Values already set by the user are kept; the chosen domain and discovery range are also
+    put into this process's environment so that its own rclpy context joins the same domain.
     """
     env = dict(os.environ)
     env.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 200)))
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     if log_dir is not None:
         env.setdefault("ROS_LOG_DIR", str(log_dir))
-    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR"):
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE"):
         if key in env:
             os.environ[key] = env[key]
     return env
