@@ -8,10 +8,10 @@
     ros2 launch twinbrain_ros policy.launch.py --show-args
 
 Parameters come from `params_file` (by default the package's `config/<embodiment>.yaml`), then
-the launch arguments below override `checkpoint`, `server`, `server_token_file`, `device`,
-`use_sim_time` and `enable_actuation`. Without `checkpoint` or `server` the node exits with
-"parameter 'checkpoint' is required". Trajectories go to the dry-run topic unless
-`enable_actuation:=true`.
+the launch arguments below override `checkpoint`, `backbone_path`, `release_protocol`,
+`server`, `server_token_file`, `device`, `use_sim_time` and `enable_actuation`. Without
+`checkpoint` or `server` the node exits with "parameter 'checkpoint' is required". Trajectories
+go to the dry-run topic unless `enable_actuation:=true`.
 """
 
 from launch import LaunchDescription
@@ -32,7 +32,17 @@ def generate_launch_description():
             description="robot: widowx (WidowX 250, Bridge) or gr1 (Fourier GR1 with hands)"),
         DeclareLaunchArgument(
             "checkpoint", default_value="",
-            description="TwinBrainVLA checkpoint directory (required)"),
+            description="checkpoint directory: TwinBrainVLA, or a released starVLA run "
+                        "(required unless server is given)"),
+        DeclareLaunchArgument(
+            "backbone_path", default_value="",
+            description="base Qwen-VL directory, overriding the one the checkpoint names (for a "
+                        "released starVLA run: the base model's config, tokenizer and "
+                        "processor)"),
+        DeclareLaunchArgument(
+            "release_protocol", default_value="true",
+            description="with a released checkpoint, run its authors' loop settings (one "
+                        "action per inference, adaptive ensembling); false keeps params_file's"),
         DeclareLaunchArgument(
             "params_file",
             # <share>/twinbrain_ros/config/<embodiment>.yaml
@@ -67,6 +77,10 @@ def generate_launch_description():
                 {
                     "checkpoint": ParameterValue(LaunchConfiguration("checkpoint"),
                                                  value_type=str),
+                    "backbone_path": ParameterValue(LaunchConfiguration("backbone_path"),
+                                                    value_type=str),
+                    "release_protocol": ParameterValue(LaunchConfiguration("release_protocol"),
+                                                       value_type=bool),
                     "server": ParameterValue(LaunchConfiguration("server"), value_type=str),
                     "server_token_file": ParameterValue(LaunchConfiguration("server_token_file"),
                                                         value_type=str),

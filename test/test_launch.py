@@ -151,13 +151,14 @@ def test_declared_arguments_and_defaults():
     from launch.utilities import perform_substitutions
 
     arguments = {a.name: a for a in _launch_description().get_launch_arguments()}
-    assert list(arguments) == ["embodiment", "checkpoint", "params_file", "server",
-                               "server_token_file", "device", "use_sim_time",
-                               "enable_actuation"]
+    assert list(arguments) == ["embodiment", "checkpoint", "backbone_path", "release_protocol",
+                               "params_file", "server", "server_token_file", "device",
+                               "use_sim_time", "enable_actuation"]
     assert all(a.description.strip() for a in arguments.values())
     defaults = {name: perform_substitutions(LaunchContext(), a.default_value)
                 for name, a in arguments.items() if name != "params_file"}
-    assert defaults == {"embodiment": "widowx", "checkpoint": "", "server": "",
+    assert defaults == {"embodiment": "widowx", "checkpoint": "", "backbone_path": "",
+                        "release_protocol": "true", "server": "",
                         "server_token_file": "", "device": "auto", "use_sim_time": "false",
                         "enable_actuation": "false"}
     assert list(arguments["embodiment"].choices) == ["widowx", "gr1"]
@@ -171,7 +172,9 @@ def test_default_params_file_is_the_installed_widowx_config(prefix):
     assert "__node:=policy_node" in command
     files = _params_files(command)
     assert files[0] == str(prefix / "share" / PACKAGE / "config" / "widowx.yaml")
-    assert _overrides(files[1]) == {"checkpoint": "", "server": "", "server_token_file": "",
+    assert _overrides(files[1]) == {"checkpoint": "", "backbone_path": "",
+                                    "release_protocol": True, "server": "",
+                                    "server_token_file": "",
                                     "device": "auto", "use_sim_time": False,
                                     "enable_actuation": False}
 
@@ -185,7 +188,8 @@ def test_gr1_arguments_reach_the_node_typed(prefix):
     assert yaml.safe_load(Path(files[0]).read_text())["policy_node"]["ros__parameters"][
         "embodiment"] == "gr1"
     overrides = _overrides(files[1])
-    assert overrides == {"checkpoint": "/tmp/ck", "server": "", "server_token_file": "",
+    assert overrides == {"checkpoint": "/tmp/ck", "backbone_path": "", "release_protocol": True,
+                         "server": "", "server_token_file": "",
                          "device": "cpu", "use_sim_time": True, "enable_actuation": True}
     assert overrides["enable_actuation"] is True and overrides["use_sim_time"] is True
 
@@ -310,6 +314,7 @@ def test_sim_launch_starts_the_bridge_and_an_actuated_sim_time_policy_node(prefi
     files = _params_files(nodes["policy_node"])
     assert files[0].endswith(os.path.join("share", PACKAGE, "config", "gr1.yaml"))
     assert _overrides(files[1]) == {"checkpoint": "/tmp/ck", "server": "",
+                                    "backbone_path": "", "release_protocol": True,
                                     "server_token_file": "", "device": "auto",
                                     "use_sim_time": True, "enable_actuation": True}
 

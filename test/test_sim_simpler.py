@@ -252,3 +252,30 @@ def test_a_missing_vulkan_driver_gives_a_clear_error():
                            VK_DRIVER_FILES="/nonexistent/icd.json")
     assert "SimError: SAPIEN renders with Vulkan" in result.stdout, result.stderr[-2000:]
     assert "make sim-vulkan" in result.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_runs_a_released_checkpoint_with_its_protocol(tiny_backbones, tmp_path, capsys):
+    """A released starVLA checkpoint (tiny, random weights: it fails the task) through SimplerEnv
+    with its authors' protocol: one ensembled action per inference, their image size."""
+    simpler("widowx_spoon_on_towel")             # skips here (not on CI) without the renderer
+    from release_fixture import release_run
+
+    from twinbrain_ros.ros.evaluate import main
+
+    def on_this_machine(config):
+        config["framework"]["qwenvl"]["base_vlm"] = tiny_backbones["qwen2_5_vl"]
+
+    run = release_run("qwen25_gr00t", tmp_path / "run", edit_config=on_this_machine)
+    out = tmp_path / "eval"
+    code = main(["--backend", "simpler_widowx", "--task", "widowx_spoon_on_towel",
+                 "--episodes", "1", "--episode-steps", "4", "--transport", "inprocess",
+                 "--checkpoint", str(run), "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    loop = results["config"]["loop"]
+    assert (loop["actions_per_inference"], loop["chunk_transition"]) == (1, "ensemble")
+    assert (loop["ensemble_horizon"], loop["ensemble_alpha"]) == (7, 0.1)
+    [episode] = results["episodes"]
+    assert episode["steps"] == 4 and episode["instruction"] == "put the spoon on the towel"

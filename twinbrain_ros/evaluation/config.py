@@ -40,6 +40,9 @@ class EvaluationConfig:
             its `inference_delay_s` passes in simulated time in process, on the node's clock
             through ROS.
         rerun: write a rerun log per episode under `out/rerun` (the loop's `rerun_path`).
+        release_protocol: a released checkpoint runs with its authors' loop settings
+            (`ReleaseRuntime.protocol`) over `loop`'s.
+        backbone_path: the base VLM directory, overriding the one the checkpoint names.
     """
 
     embodiment: str = "widowx"
@@ -63,6 +66,8 @@ class EvaluationConfig:
     episode_steps: int = 0
     loop: PolicyConfig | None = None
     rerun: bool = False
+    release_protocol: bool = True
+    backbone_path: str = ""
 
     def __post_init__(self):
         """Resolve the policy and the loop's settings; check the choices."""

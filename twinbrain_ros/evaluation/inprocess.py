@@ -7,6 +7,7 @@ depend on how fast this machine is.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -100,9 +101,13 @@ def run_inprocess(config: EvaluationConfig, embodiment, pipeline=None, progress=
 def _pipeline(config: EvaluationConfig, embodiment):
     """The policy node's stages on the checkpoint, with the evaluation's loop settings."""
     from ..policy.pipeline import PolicyPipeline
-    from ..policy.runtime import PolicyRuntime
+    from ..policy.runtime import local_runtime
 
-    runtime = PolicyRuntime(str(Path(config.checkpoint).resolve()), embodiment,
-                            device=config.device,
+    runtime = local_runtime(str(Path(config.checkpoint).resolve()), embodiment,
+                            device=config.device, backbone_path=config.backbone_path or None,
                             seed=None if config.policy_seed < 0 else config.policy_seed)
-    return PolicyPipeline(runtime, embodiment, config.loop)
+    loop = config.loop
+    if config.release_protocol and getattr(runtime, "protocol", None):
+        loop = dataclasses.replace(loop, **runtime.protocol)
+        config.loop = loop
+    return PolicyPipeline(runtime, embodiment, loop)

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from ..transforms.rtc import RTC_SCHEDULES
 
-CHUNK_TRANSITIONS = ("blend", "rtc")
+CHUNK_TRANSITIONS = ("blend", "rtc", "ensemble")
 
 
 def setting(default, description: str, range: tuple[float, float] | None = None,
@@ -60,7 +60,14 @@ class PolicyConfig:
         "blend", "how a new chunk takes over the executing plan: blend (drop the stale "
                  "actions, cross-fade blend_steps points) or rtc (real-time chunking: the "
                  "model inpaints the actions that execute while it runs, sized by the measured "
-                 "latency's 95th percentile)", choices=CHUNK_TRANSITIONS)
+                 "latency's 95th percentile) or ensemble (each step executes the weighted mean "
+                 "of the last ensemble_horizon chunks' predictions for it: starVLA's SimplerEnv "
+                 "protocol, with actions_per_inference 1)", choices=CHUNK_TRANSITIONS)
+    ensemble_horizon: int = setting(
+        7, "chunk_transition ensemble: how many chunks (one per step) are averaged", (1, 64))
+    ensemble_alpha: float = setting(
+        0.1, "chunk_transition ensemble: weight exp(alpha * cosine similarity with the newest "
+             "prediction)", (-100.0, 100.0))
     rtc_schedule: str = setting(
         "exp", "real-time chunking's guidance weights over the rest of the overlap: exp, "
                "linear or hard (frozen prefix only)", choices=RTC_SCHEDULES)

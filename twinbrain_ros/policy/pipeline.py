@@ -41,6 +41,7 @@ import numpy as np
 from ..robot.action_spaces import ChunkRejected
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
+from ..transforms.ensemble import AdaptiveEnsembler
 from ..transforms.rtc import ChunkPrefix
 from .config import PolicyConfig
 from .contract import ActionChunk
@@ -80,6 +81,9 @@ class PolicyPipeline:
                 robot left it.
         """
         config = config or PolicyConfig()
+        if config.chunk_transition == "rtc" and not getattr(runtime, "supports_prefix", True):
+            raise ValueError("this policy cannot inpaint a prefix: chunk_transition rtc is not "
+                             "available with it (use blend or ensemble)")
         self.runtime = runtime
         self.embodiment = embodiment
         self.actions = actions or embodiment.actions
@@ -96,6 +100,9 @@ class PolicyPipeline:
         self.last_divergence = ""
         self.notify = notify
         self.track_plan = True
+        self.ensembler = (AdaptiveEnsembler(config.ensemble_horizon, config.ensemble_alpha)
+                          if config.chunk_transition == "ensemble" else None)
+        self._ensembled_instruction: str | None = None
 
     def expected_latency(self) -> float:
         """Seconds from observation to plan ready: the running high percentile (0 at first)."""
@@ -172,6 +179,11 @@ class PolicyPipeline:
                                         frozen=prefix.frozen)
         if not np.isfinite(chunk.actions).all():
             raise ChunkRejected("non_finite_actions", "the model returned non-finite actions")
+        if self.ensembler is not None:
+            if observation.instruction != self._ensembled_instruction:
+                self.ensembler.reset()
+                self._ensembled_instruction = observation.instruction
+            chunk = dataclasses.replace(chunk, actions=self.ensembler.add(chunk.actions)[None])
         return chunk
 
     def decode(self, chunk: ActionChunk, observation: Observation) -> np.ndarray:
@@ -234,6 +246,8 @@ class PolicyPipeline:
             ValueError: `position` is not finite.
         """
         self.scheduler.reset()
+        if self.ensembler is not None:
+            self.ensembler.reset()
         position = np.asarray(position, dtype=np.float64)
         if not np.isfinite(position).all():
             raise ValueError("cannot hold at a non-finite position")

@@ -15,7 +15,8 @@ from ..robot.observation import Observation
 from ..transforms.rtc import ChunkPrefix
 from .contract import ActionChunk, check_contract
 
-__all__ = ["ActionChunk", "Observation", "PolicyRuntime", "check_compatible", "resolve_device"]
+__all__ = ["ActionChunk", "Observation", "PolicyRuntime", "check_compatible", "local_runtime",
+           "resolve_device"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -184,6 +185,25 @@ class PolicyRuntime:
             self.inference_state = self.engine.state
             self.identity["inference"] = self.inference_state
         return ActionChunk(actions=actions, latency_s=time.perf_counter() - start)
+
+
+def local_runtime(checkpoint: str, embodiment: Embodiment, **settings):
+    """The runtime of a checkpoint directory.
+
+    A released starVLA run gets a `ReleaseRuntime`, one of ours a `PolicyRuntime`.
+
+    `settings`: `PolicyRuntime`'s keyword arguments; a release takes device, backbone_path,
+    seed and log of them.
+    """
+    from ..model.release.starvla import is_release_checkpoint
+
+    if is_release_checkpoint(checkpoint):
+        from .release_runtime import ReleaseRuntime
+
+        keep = ("device", "backbone_path", "seed", "log")
+        return ReleaseRuntime(checkpoint, embodiment,
+                              **{k: v for k, v in settings.items() if k in keep})
+    return PolicyRuntime(checkpoint, embodiment, **settings)
 
 
 def check_compatible(specs: dict, embodiment: Embodiment, checkpoint: str, warn=None):

@@ -37,6 +37,7 @@ MODEL_INFERENCE = MODEL_PREFIX + "inference"
 MODEL_SERVER = MODEL_PREFIX + "server"
 MODEL_LINK = MODEL_PREFIX + "link"                     # connecting, connected, "down: <cause>"
 MODEL_RTT_MEDIAN_MS = MODEL_PREFIX + "rtt_median_ms"   # after the first round trip
+MODEL_RELEASE = MODEL_PREFIX + "release"               # a released checkpoint's origin
 
 # Questions to the Left Brain (`~/ask`).
 ASK_QUESTIONS_TOTAL = "ask.questions_total"

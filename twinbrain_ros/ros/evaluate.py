@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint (start bridge + policy node), expert (start the "
                              "bridge with its scripted expert) or external (already running); "
                              "default: checkpoint if --checkpoint is given, else external")
-    parser.add_argument("--checkpoint", default="", help="TwinBrainVLA checkpoint directory")
+    parser.add_argument("--checkpoint", default="",
+                        help="checkpoint directory: TwinBrainVLA, or a released starVLA run "
+                             "(see docs/released.md)")
+    parser.add_argument("--backbone-path", default="",
+                        help="base Qwen-VL directory, overriding the one the checkpoint names")
     parser.add_argument("--device", default="auto", help="policy node torch device")
     parser.add_argument("--policy-seed", type=int, default=0,
                         help="seed of the policy's flow-matching noise (-1: fresh noise)")
@@ -118,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "limit)")
     parser.add_argument("--chunk-transition", choices=CHUNK_TRANSITIONS, default=None,
                         help="how a new chunk takes over the executing plan: blend "
-                             "(cross-fade) or rtc (real-time chunking); default: the "
-                             "embodiment file's chunk_transition")
+                             "(cross-fade), rtc (real-time chunking) or ensemble (adaptive "
+                             "ensembling, one action per inference); default: the embodiment "
+                             "file's chunk_transition")
     parser.add_argument("--rtc-schedule", choices=RTC_SCHEDULES, default=None,
                         help="real-time chunking's guidance weights over the overlap "
                              "(default: the embodiment file's, else exp)")
@@ -127,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default=None, metavar="S",
                         help="add S seconds to every inference (behaviour at realistic "
                              "latencies with a fast model)")
+    parser.add_argument("--no-release-protocol", dest="release_protocol",
+                        action="store_false",
+                        help="run a released checkpoint with the loop settings given here "
+                             "instead of its authors' protocol (one action per inference, "
+                             "adaptive ensembling over 7 predictions)")
     parser.add_argument("--rerun", action="store_true",
                         help="write a rerun log of the policy's cycles per episode to "
                              "OUT/rerun")

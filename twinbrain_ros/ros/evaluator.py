@@ -168,7 +168,9 @@ def run_over_ros(config: EvaluationConfig, embodiment: Embodiment, out: Path
         # command line), over the params file's.
         node_params = {**asdict(config.loop), "checkpoint": str(Path(config.checkpoint).resolve()),
                        "device": config.device, "enable_actuation": True,
-                       "use_sim_time": True, "seed": config.policy_seed}
+                       "use_sim_time": True, "seed": config.policy_seed,
+                       "release_protocol": config.release_protocol,
+                       "backbone_path": config.backbone_path}
         if config.rerun:
             node_params["rerun_path"] = str((out / "rerun").resolve())
         processes.append(("policy_node", start_node(

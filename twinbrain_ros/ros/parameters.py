@@ -117,8 +117,12 @@ def params_of(config_class) -> dict[str, Param]:
 
 # The policy node's own parameters (the loop's come from `PolicyConfig`).
 _NODE_ONLY = {
-    "checkpoint": Param("", "TwinBrainVLA checkpoint directory (required unless 'server' is "
-                            "given)"),
+    "checkpoint": Param("", "checkpoint directory: TwinBrainVLA, or a released starVLA run "
+                            "(required unless 'server' is given)"),
+    "release_protocol": Param(True, "with a released checkpoint, run its authors' loop "
+                                    "settings (actions_per_inference 1, chunk_transition "
+                                    "ensemble, ensemble_horizon 7, ensemble_alpha 0.1) instead "
+                                    "of the ones set here"),
     "server": Param("", "HOST:PORT of a policy server to send observations to instead of "
                         "loading a checkpoint (this process then imports no torch)"),
     "server_token_file": Param("", "file with the token the policy server requires"),

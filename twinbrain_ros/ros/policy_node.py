@@ -23,6 +23,7 @@ service and lets the policy plan again with `~/resume` (both `std_srvs/Trigger`)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -103,6 +104,13 @@ class PolicyNode(Node):
             settings = {k: p[k] for k in inspect.signature(open_runtime).parameters if k in p}
             runtime = open_runtime(emb, **settings, log=self.get_logger().info)
         self.runtime = runtime
+        protocol = getattr(runtime, "protocol", None)
+        if protocol and p["release_protocol"]:
+            self.config = dataclasses.replace(self.config, **protocol)
+            self.get_logger().info(
+                "released checkpoint: its authors' protocol replaces the loop settings: "
+                + ", ".join(f"{k}={v}" for k, v in protocol.items())
+                + " (release_protocol:=false keeps the parameters)")
         if self.config.rerun_path:
             CycleLogs.check_directory(self.config.rerun_path, "rerun_path")
         self.causes = CauseCounter(self._log)

@@ -202,6 +202,14 @@ class RemoteRuntime:
         self._retry_at = time.monotonic() + BACKOFF_S[min(self._failures, len(BACKOFF_S)) - 1]
         self.identity["link"] = f"down: {error.cause}"
 
+    @property
+    def protocol(self) -> dict | None:
+        """The loop settings a released checkpoint's server asks for.
+
+        None for our checkpoints, and while the server has not been reached.
+        """
+        return (self.contract or {}).get("protocol")
+
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """Local checks (length, the prompt's special tokens); the server counts the tokens."""
         limit = min(max_tokens, (self.contract or {}).get("max_instruction_tokens", max_tokens))

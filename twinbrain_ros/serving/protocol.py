@@ -32,6 +32,7 @@ import msgpack
 import numpy as np
 
 from ..errors import CausedError
+from ..transforms.rtc import ChunkPrefix
 
 PROTOCOL_VERSION = 1
 DTYPES = ("|u1", "<f4", "<f8", "<i8", "|b1")   # uint8, float32, float64, int64, bool
@@ -154,3 +155,27 @@ def read_token(path: str) -> str:
     if not token:
         raise ValueError(f"the token file {path} is empty")
     return token
+
+
+def read_prefix(prefix, contract: dict):
+    """The optional real-time chunking prefix of an infer message, checked."""
+    if prefix is None:
+        return None
+    if not isinstance(prefix, dict):
+        raise ProtocolError("bad_prefix", "prefix must be a map or null")
+    actions = prefix.get("actions")
+    if not isinstance(actions, np.ndarray) or actions.dtype.kind != "f" \
+            or actions.ndim != 2 or not 1 <= len(actions) <= contract["horizon"] \
+            or actions.shape[1] != contract["action_dim"]:
+        raise ProtocolError("bad_prefix", f"prefix actions must be a float array of shape "
+                                          f"(1..{contract['horizon']}, "
+                                          f"{contract['action_dim']}), got "
+                                          f"{getattr(actions, 'shape', type(actions))}")
+    frozen = prefix.get("frozen")
+    if not isinstance(frozen, int) or not 0 <= frozen <= len(actions):
+        raise ProtocolError("bad_prefix", "prefix frozen must be an integer within the "
+                                          "prefix")
+    try:
+        return ChunkPrefix(actions, frozen, str(prefix.get("schedule", "exp")))
+    except ValueError as error:
+        raise ProtocolError("bad_prefix", str(error)) from error

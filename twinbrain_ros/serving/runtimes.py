@@ -17,7 +17,8 @@ def open_runtime(embodiment, *, checkpoint: str = "", server: str = "",
 
     Args:
         embodiment: the robot.
-        checkpoint: a checkpoint directory (when no `server` is given).
+        checkpoint: a checkpoint directory (when no `server` is given): ours, or a released
+            starVLA run (`twinbrain_ros.policy.release_runtime`).
         server: HOST:PORT of a policy server.
         server_token_file: the file holding the token the server requires ("": none).
         server_timeout_s: a server's reply later than this is given up.
@@ -50,9 +51,9 @@ def open_runtime(embodiment, *, checkpoint: str = "", server: str = "",
     if not checkpoint:
         raise ValueError("parameter 'checkpoint' is required (a checkpoint directory), or "
                          "'server' (HOST:PORT of a policy server)")
-    from ..policy.runtime import PolicyRuntime
+    from ..policy.runtime import local_runtime
 
-    return PolicyRuntime(checkpoint, embodiment, device=device,
+    return local_runtime(checkpoint, embodiment, device=device,
                          backbone_path=backbone_path or None, seed=noise_seed,
                          inference=inference, max_instruction_tokens=int(max_instruction_tokens),
                          max_question_tokens=int(max_question_tokens), log=log)

@@ -1,13 +1,13 @@
 """The policy server: a TwinBrainVLA checkpoint on a GPU machine, serving robots over a websocket.
 
-    ros2 run twinbrain_ros policy_server --checkpoint DIR [--host 127.0.0.1] [--port 8765]
-        [--device auto] [--token-file F] [--max-batch 8] [--max-wait-ms 5] [--inference auto]
-        [--max-question-tokens 256] [--max-answer-tokens 512] [--ask-tokens-per-slice 8]
-    python -m twinbrain_ros.serving.server --checkpoint DIR ...
+    ros2 run twinbrain_ros policy_server --checkpoint DIR [--host 127.0.0.1] [--port 8765] ...
+    python -m twinbrain_ros.serving.server --checkpoint DIR ...   (--help: every option)
 
 Robots connect with `policy.launch.py server:=HOST:PORT` (the policy node as a client, see
 `twinbrain_ros.serving.client`). The wire format is `twinbrain_ros.serving.protocol`.
 
+- Released starVLA checkpoints (`twinbrain_ros.policy.release_runtime`) are served for the
+  robot `--embodiment` names, one request at a time, with their authors' protocol in the contract.
 - Handshake: a client says hello with the protocol version (and the token when the server has
   one); the server answers with its identity and one contract per embodiment of the checkpoint,
   which the client checks against its robot before it sends anything.
@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CausedError, shorten
+from ..robot.observation import Observation
 from ..transforms.rtc import ChunkPrefix
 from .protocol import (
     IMAGE_FORMATS,
@@ -56,6 +57,7 @@ from .protocol import (
     ProtocolError,
     decode_image,
     pack,
+    read_prefix,
     read_token,
     unpack,
 )
@@ -103,10 +105,16 @@ class PolicyServer:
                  max_wait_ms: float = 5.0, max_message_mb: float = 16.0,
                  inference: str = "auto", backbone_path: str | None = None,
                  max_instruction_tokens: int = 128, max_question_tokens: int = 256,
-                 max_answer_tokens: int = 512, ask_tokens_per_slice: int = 8, log=None):
-        """Load the model (and warm up the compiled engine when it is used)."""
+                 max_answer_tokens: int = 512, ask_tokens_per_slice: int = 8, log=None,
+                 embodiment: str = "widowx"):
+        """Load the model (and warm up the compiled engine when it is used).
+
+        `embodiment`: the robot a released starVLA checkpoint is served for (ours name theirs).
+        """
+        from ..model.release.starvla import is_release_checkpoint
         from ..policy.contract import spec_dict
         from ..policy.runtime import load_model, resolve_inference
+        from ..robot.embodiment import Embodiment
 
         self.log = log or (lambda text: print(text, flush=True))
         if max_batch < 1 or max_wait_ms < 0 or max_message_mb <= 0:
@@ -120,33 +128,43 @@ class PolicyServer:
                              "must be >= 1")
         self.max_answer_tokens = int(max_answer_tokens)
         self.ask_tokens_per_slice = int(ask_tokens_per_slice)
-        self.model, self.device = load_model(checkpoint, device, backbone_path)
-        config = self.model.config
-        processor = self.model.processor
-        self.contracts = {}
-        for key, spec in config.embodiments.items():
-            self.contracts[key] = {
-                "embodiment_key": key, **spec_dict(spec),
-                "horizon": config.action_expert.horizon,
-                "image_size": list(config.image_size),
-                "backbone": config.backbone_path, "backbone_type": self.model.right.model_type,
-                "brain_mode": config.brain_mode,
-                "max_instruction_tokens": self.max_instruction_tokens,
-                "special_tokens": processor._special_tokens(),
-            }
-        self.answerer = None   # the Left Brain's answers (twin checkpoints only)
-        if config.brain_mode == "twin":
-            from ..model.ask import LeftBrainAnswerer
+        self.release = None   # a released starVLA run, served for one robot
+        if is_release_checkpoint(checkpoint):
+            from ..policy.release_runtime import ReleaseRuntime
 
-            self.answerer = LeftBrainAnswerer(self.model, int(max_question_tokens))
-            # An untied LM head is read now, not while robots wait for chunks.
-            self.answerer.head  # noqa: B018
+            self.release = ReleaseRuntime(checkpoint, Embodiment.resolve(embodiment), device,
+                                          backbone_path, log=self.log)
+            self.model, self.device, self.answerer = self.release.model, self.release.device, None
+            self.contracts = {self.release.embodiment.normalization_key:
+                              self.release.contract(self.max_instruction_tokens)}
+        else:
+            self.model, self.device = load_model(checkpoint, device, backbone_path)
+            config = self.model.config
+            processor = self.model.processor
+            self.contracts = {}
+            for key, spec in config.embodiments.items():
+                self.contracts[key] = {
+                    "embodiment_key": key, **spec_dict(spec),
+                    "horizon": config.action_expert.horizon,
+                    "image_size": list(config.image_size),
+                    "backbone": config.backbone_path, "backbone_type": self.model.right.model_type,
+                    "brain_mode": config.brain_mode,
+                    "max_instruction_tokens": self.max_instruction_tokens,
+                    "special_tokens": processor._special_tokens(),
+                }
+            self.answerer = None   # the Left Brain's answers (twin checkpoints only)
+            if config.brain_mode == "twin":
+                from ..model.ask import LeftBrainAnswerer
+
+                self.answerer = LeftBrainAnswerer(self.model, int(max_question_tokens))
+                # An untied LM head is read now, not while robots wait for chunks.
+                self.answerer.head  # noqa: B018
         cameras = [c["num_cameras"] for c in self.contracts.values()]
         self.max_question_images = max(cameras) if all(cameras) else 16
         self._questions: list[_Question] = []   # being answered, first come first served
-        self.inference = resolve_inference(inference, self.device)
+        self.inference = "eager" if self.release else resolve_inference(inference, self.device)
         self.engines = {}
-        if self.inference == "compiled":
+        if self.inference == "compiled" and self.release is None:
             self._build_engines()
         self.identity = {"name": "twinbrain_ros policy_server", "host": socket.gethostname(),
                          "checkpoint": str(checkpoint), "device": str(self.device),
@@ -214,7 +232,10 @@ class PolicyServer:
         started = time.perf_counter()
         try:
             engine = self.engines.get((key, cameras))
-            if len(requests) == 1 and engine is not None:
+            if self.release is not None:
+                chunks = [self.release.infer(Observation(r.images, r.state, r.instruction),
+                                             seed=r.seed).actions for r in requests]
+            elif len(requests) == 1 and engine is not None:
                 r = requests[0]
                 chunks = [engine.predict_action(r.images, r.instruction, r.state, key,
                                                 seed=r.seed, prefix=r.prefix)]
@@ -396,7 +417,7 @@ class PolicyServer:
         seed = message.get("seed")
         if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise ProtocolError("bad_seed", "seed must be a non-negative integer or null")
-        prefix = self._prefix(message.get("prefix"), contract)
+        prefix = read_prefix(message.get("prefix"), contract)
         return _Request(embodiment=key, images=decoded, state=np.array(state, np.float32),
                         instruction=instruction, seed=seed, id=message["id"], loop=loop,
                         prefix=prefix, future=loop.create_future())
@@ -431,30 +452,6 @@ class PolicyServer:
                          max_new_tokens=min(max_new_tokens, self.max_answer_tokens),
                          id=message["id"], loop=loop, future=loop.create_future(),
                          deadline=time.perf_counter() + float(timeout))
-
-    @staticmethod
-    def _prefix(prefix, contract: dict) -> ChunkPrefix | None:
-        """The optional real-time chunking prefix of an infer message, checked."""
-        if prefix is None:
-            return None
-        if not isinstance(prefix, dict):
-            raise ProtocolError("bad_prefix", "prefix must be a map or null")
-        actions = prefix.get("actions")
-        if not isinstance(actions, np.ndarray) or actions.dtype.kind != "f" \
-                or actions.ndim != 2 or not 1 <= len(actions) <= contract["horizon"] \
-                or actions.shape[1] != contract["action_dim"]:
-            raise ProtocolError("bad_prefix", f"prefix actions must be a float array of shape "
-                                              f"(1..{contract['horizon']}, "
-                                              f"{contract['action_dim']}), got "
-                                              f"{getattr(actions, 'shape', type(actions))}")
-        frozen = prefix.get("frozen")
-        if not isinstance(frozen, int) or not 0 <= frozen <= len(actions):
-            raise ProtocolError("bad_prefix", "prefix frozen must be an integer within the "
-                                              "prefix")
-        try:
-            return ChunkPrefix(actions, frozen, str(prefix.get("schedule", "exp")))
-        except ValueError as error:
-            raise ProtocolError("bad_prefix", str(error)) from error
 
     # -- running -------------------------------------------------------------------------------
 
@@ -522,7 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `ros2 run twinbrain_ros policy_server`."""
     parser = argparse.ArgumentParser(prog="policy_server",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="TwinBrainVLA checkpoint directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory: TwinBrainVLA, or a released starVLA run")
+    parser.add_argument("--embodiment", default="widowx",
+                        help="the robot a released starVLA checkpoint is served for")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free)")
@@ -564,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_instruction_tokens=args.max_instruction_tokens,
                               max_question_tokens=args.max_question_tokens,
                               max_answer_tokens=args.max_answer_tokens,
-                              ask_tokens_per_slice=args.ask_tokens_per_slice)
+                              ask_tokens_per_slice=args.ask_tokens_per_slice,
+                              embodiment=args.embodiment)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"policy_server: {error}", file=sys.stderr, flush=True)
         return 1
