@@ -16,12 +16,16 @@ import torch
 import yaml
 from release_fixture import FIXTURES, release_base, release_run
 
+from twinbrain_ros.model.backbone import QwenVLProcessor
 from twinbrain_ros.model.release import starvla
 from twinbrain_ros.model.release.starvla import ReleaseError, load_release, read_release
 from twinbrain_ros.ros import diagnostic_keys as keys
 from twinbrain_ros.transforms.ensemble import AdaptiveEnsembler
 
-FAMILY = {"qwen25_gr00t": "qwen2_5_vl", "qwen3_gr00t": "qwen3_vl"}
+FAMILY = {"qwen25_gr00t": "qwen2_5_vl", "qwen3_gr00t": "qwen3_vl",
+          "physbrain_qwen25": "qwen2_5_vl", "physbrain_qwen3": "qwen3_vl"}
+SINGLE = sorted(name for name in FAMILY if not name.startswith("physbrain"))
+TWIN = sorted(name for name in FAMILY if name.startswith("physbrain"))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def cases():
     return {name: dict(np.load(FIXTURES / name / "cases.npz")) for name in FAMILY}
 
 
-@pytest.mark.parametrize("name", sorted(FAMILY))
+@pytest.mark.parametrize("name", SINGLE)
 def test_the_loader_reproduces_the_authors_chunk(name, cases, bases, tmp_path):
     case = cases[name]
     run = release_run(name, tmp_path / "run")
@@ -154,13 +158,52 @@ def test_release_era_unnormalization():
     assert list(actions[:, 6]) == [0.0, 1.0]  # gripper thresholded, not scaled
 
 
+@pytest.mark.parametrize("name", TWIN)
+def test_the_loader_reproduces_the_authors_twin(name, cases, bases, tmp_path):
+    """PhysBrain-VLA: two brains with their own prompts and positions, the Right Brain's
+    queries over [Left ; Right] keys by index, the action-query states into the head."""
+    case = cases[name]
+    run = release_run(name, tmp_path / "run")
+    model = load_release(run, backbone_path=bases[FAMILY[name]])
+    left, right = model.vl_inputs([case["image"]], "put the spoon on the towel")
+    np.testing.assert_array_equal(left.input_ids.numpy(), case["left_input_ids"])
+    np.testing.assert_array_equal(right.input_ids.numpy(), case["right_input_ids"])
+    np.testing.assert_allclose(right.pixel_values.numpy(), case["pixel_values"], atol=1e-5)
+    queries, final = model.context(left, right)
+    np.testing.assert_allclose(final.numpy(), case["right_hidden"], atol=1e-4)
+    np.testing.assert_allclose(queries.numpy(), case["action_hidden"], atol=1e-4)
+    chunk_a = model.sample([case["image"]], "put the spoon on the towel",
+                           noise=torch.from_numpy(case["noise_a"]))
+    np.testing.assert_allclose(chunk_a, case["normalized_a"][0], atol=1e-4)
+    chunk_b = model.sample([case["image"]], "put the spoon on the towel", state=case["state"],
+                           noise=torch.from_numpy(case["noise_b"]))
+    np.testing.assert_allclose(chunk_b, case["normalized_b"][0], atol=1e-4)
+    stats = read_release(run).stats["oxe_bridge"]["action"]
+    np.testing.assert_allclose(starvla.unnormalize_actions(chunk_a, stats),
+                               case["unnormalized_a"], atol=1e-4)
+    # The Right Brain's keys: Left tokens by index, then all of them; its own causally.
+    visible = model.joint_mask(*(model._prepare(brain, inputs)[2] for brain, inputs in
+                                 ((model.left, left), (model.right, right)))) == 0
+    np.testing.assert_array_equal(visible.numpy()[:, 0], case["joint_mask_visible"])
+
+
+def test_the_twin_refuses_a_mode_its_release_does_not_run(bases, tmp_path):
+    def bidirectional(config):
+        config["doublevla"]["mot_attention_mode"] = "bidirectional"
+
+    run = release_run("physbrain_qwen25", tmp_path / "run", edit_config=bidirectional)
+    with pytest.raises(ValueError, match="only 'unidirectional'"):
+        load_release(run, backbone_path=bases["qwen2_5_vl"])
+
+
 @pytest.mark.parametrize("name", sorted(FAMILY))
-def test_full_size_layout_matches_the_authors_code(name, tiny_backbones, tmp_path):
-    """Qwen-GR00T-Bridge (Qwen2.5-VL-3B) and Qwen3VL-GR00T-Bridge-RT-1 (Qwen3-VL-4B), built on
-    the meta device: every tensor their code creates, by name and shape."""
+def test_full_size_layout_matches_the_authors_code(name, bases, tmp_path):
+    """The released models at full size (Qwen2.5-VL-3B, Qwen3-VL-4B), built on the meta device:
+    every tensor their code creates, by name and shape."""
     from twinbrain_ros.model.presets import backbone_config
 
-    full = {"qwen25_gr00t": "qwen25_gr00t_bridge", "qwen3_gr00t": "qwen3_gr00t_bridge"}[name]
+    full = {"qwen25_gr00t": "qwen25_gr00t_bridge", "qwen3_gr00t": "qwen3_gr00t_bridge",
+            "physbrain_qwen25": "physbrain_qwen25", "physbrain_qwen3": "physbrain_qwen3"}[name]
     theirs = json.loads((FIXTURES / "full_size" / f"{full}.json").read_text())
     base = tmp_path / "base"
     backbone_config(FAMILY[name], "full").save_pretrained(base)
@@ -172,11 +215,17 @@ def test_full_size_layout_matches_the_authors_code(name, tiny_backbones, tmp_pat
     (run / "dataset_statistics.json").write_text(
         (FIXTURES / name / "dataset_statistics.json").read_text())
     spec = read_release(run)
-    vlm = starvla.build_vlm(base, "meta")
-    model = starvla.QwenGR00T(spec, vlm, None,
-                              starvla.head_config(spec, vlm.config.get_text_config().hidden_size))
-    ours = {starvla.VLM_PREFIX + k[len("vlm."):] if k.startswith("vlm.") else k: list(v.shape)
-            for k, v in model.state_dict().items()}
+    added = {}  # the twin's Right Brain holds two added tokens (rows as in their layout)
+    right = "qwen_vl_interface.trainable_vlm.model.model.language_model.embed_tokens.weight"
+    if right in theirs:
+        added[right] = torch.empty(theirs[right], device="meta")
+    processor = QwenVLProcessor.from_pretrained(bases[FAMILY[name]])  # a tokenizer to extend
+    with torch.device("meta"):
+        model, _ = starvla._build(spec, base, added, processor, torch.float32)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if spec.framework == "QwenGR00T":
+        ours = {starvla.VLM_PREFIX + k[len("vlm."):] if k.startswith("vlm.") else k: v
+                for k, v in ours.items()}
     assert sorted(set(theirs) - set(ours)) == []
     assert sorted(set(ours) - set(theirs)) == []
     assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
@@ -203,11 +252,14 @@ def test_adaptive_ensembling_weights_each_steps_predictions():
 
 @pytest.mark.ros
 @pytest.mark.slow
-def test_a_released_checkpoint_drives_the_policy_node_with_its_protocol(ros_env, tiny_backbones,
+@pytest.mark.parametrize("name, release", [("qwen25_gr00t", "starVLA QwenGR00T"),
+                                           ("physbrain_qwen25", "PhysBrain-VLA twin")])
+def test_a_released_checkpoint_drives_the_policy_node_with_its_protocol(name, release, ros_env,
+                                                                         tiny_backbones,
                                                                          tmp_path):
     from ros_harness import RobotSide, policy_node_process, times
 
-    run = release_run("qwen25_gr00t", tmp_path / "run")
+    run = release_run(name, tmp_path / "run")
     robot = RobotSide("widowx")
     try:
         with robot.watch(policy_node_process(tmp_path / "node.log", "widowx", checkpoint=run,
@@ -220,7 +272,7 @@ def test_a_released_checkpoint_drives_the_policy_node_with_its_protocol(ros_env,
             assert all(times(t)[-1] <= robot.emb.dt + 1e-6 for t in robot.dry_run[:3])
             robot.spin_until(lambda: robot.values().get(keys.MODEL_RELEASE), 30,
                              "the release in the diagnostics", feed=True)
-            assert robot.values()[keys.MODEL_RELEASE] == "starVLA QwenGR00T"
+            assert robot.values()[keys.MODEL_RELEASE] == release
     finally:
         robot.close()
 

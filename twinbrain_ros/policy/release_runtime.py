@@ -1,4 +1,6 @@
-"""A released starVLA checkpoint behind the policy runtime's interface.
+"""A released checkpoint behind the policy runtime's interface.
+
+Releases: starVLA's Qwen-GR00T and the TwinBrainVLA authors' PhysBrain-VLA twin.
 
 `ReleaseRuntime.infer` runs the release's own preprocessing and model
 (`twinbrain_ros.model.release.starvla`) and returns its chunk un-normalized with the release's
@@ -25,6 +27,8 @@ from .contract import ActionChunk
 RELEASE_STATS_KEYS = {"ee_delta": "oxe_bridge"}
 # The action conventions of a release (`datasets.vla_data.action_type`) our action spaces speak.
 RELEASE_ACTION_TYPES = {"delta_ee": "ee_delta", "ee_delta": "ee_delta"}
+# What the node's diagnostics call each released framework.
+RELEASE_NAMES = {"QwenGR00T": "starVLA QwenGR00T", "PhysBrainVLA": "PhysBrain-VLA twin"}
 # The authors' WidowX evaluation protocol (their SimplerEnv client's defaults).
 RELEASE_PROTOCOL = {"actions_per_inference": 1, "chunk_transition": "ensemble",
                     "ensemble_horizon": 7, "ensemble_alpha": 0.1}
@@ -82,11 +86,13 @@ class ReleaseRuntime:
         self.inference = self.inference_state = "eager"
         self.engine, self.warmup_s = None, None
         self.protocol = dict(RELEASE_PROTOCOL)
+        twin = spec.framework == "PhysBrainVLA"
+        self.brain_mode = "twin" if twin else "single"
         self.identity = {"checkpoint": str(checkpoint), "backbone": str(self.model.spec.base_vlm),
-                         "backbone_type": self.model.model_type, "brain_mode": "single",
-                         "release": f"starVLA {spec.framework}",
+                         "backbone_type": self.model.model_type, "brain_mode": self.brain_mode,
+                         "release": RELEASE_NAMES.get(spec.framework, spec.framework),
                          "embodiment_key": self.unnorm_key, "inference": "eager"}
-        self.log(f"released checkpoint: starVLA {spec.framework} ({self.model.model_type}), "
+        self.log(f"released checkpoint: {self.identity['release']} ({self.model.model_type}), "
                  f"weights {spec.weights.name}, statistics {self.unnorm_key!r}, "
                  f"horizon {self.horizon}")
 
@@ -101,7 +107,7 @@ class ReleaseRuntime:
         return {"embodiment_key": self.embodiment.normalization_key,
                 **spec_dict(self.embodiment.spec()), "horizon": self.horizon,
                 "image_size": [size[1], size[0]], "backbone": str(self.spec.base_vlm),
-                "backbone_type": self.model.model_type, "brain_mode": "single",
+                "backbone_type": self.model.model_type, "brain_mode": self.brain_mode,
                 "max_instruction_tokens": int(max_instruction_tokens),
                 "special_tokens": self.model.processor._special_tokens(),
                 "protocol": dict(self.protocol)}

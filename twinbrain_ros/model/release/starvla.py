@@ -38,8 +38,14 @@ CONFIG_FILE = "config.yaml"
 STATS_FILE = "dataset_statistics.json"
 VLM_PREFIX = "qwen_vl_interface.model."
 HEAD_PREFIX = "action_model."
-# The frameworks of starVLA this package runs.
-FRAMEWORKS = ("QwenGR00T",)
+# The frameworks of starVLA this package runs (PhysBrainVLA: the TwinBrainVLA authors' twin,
+# `physbrain.py`).
+FRAMEWORKS = ("QwenGR00T", "PhysBrainVLA")
+# Where each framework keeps its Qwen-VL(s) in the state dict.
+VLM_PREFIXES = {"QwenGR00T": ("qwen_vl_interface.model.",),
+                "PhysBrainVLA": ("qwen_vl_interface.frozen_vlm.model.",
+                                 "qwen_vl_interface.trainable_vlm.model.",
+                                 "qwen_vl_interface.model.")}
 # starVLA's defaults for what a `framework.action_model` section may leave out.
 HEAD_DEFAULTS = {"action_model_type": "DiT-B", "hidden_size": 1024, "add_pos_embed": True,
                  "max_seq_len": 1024, "action_dim": 7, "state_dim": 7, "action_horizon": 8,
@@ -47,6 +53,8 @@ HEAD_DEFAULTS = {"action_model_type": "DiT-B", "hidden_size": 1024, "add_pos_emb
                  "num_target_vision_tokens": 32}
 DIT_DEFAULTS = {"num_layers": 16, "output_dim": 1024, "interleave_self_attention": False,
                 "attention_bias": True, "norm_eps": 1e-5}
+# PhysBrain-VLA's starVLA snapshot fills nothing in: what its DiT class itself defaults to.
+SNAPSHOT_DIT_DEFAULTS = {**DIT_DEFAULTS, "num_layers": 12, "output_dim": 26}
 # The gripper dimension the release-era un-normalization thresholds.
 GRIPPER_DIM = 6
 
@@ -59,7 +67,8 @@ def is_release_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a starVLA run directory or one of its checkpoint files."""
     path = Path(path)
     run = path.parents[1] if path.is_file() and len(path.parents) > 1 else path
-    return (run / CONFIG_FILE).is_file() and (run / "checkpoints").is_dir()
+    return ((run / CONFIG_FILE).is_file() and (run / STATS_FILE).is_file()
+            and (run / "checkpoints").is_dir())
 
 
 def _step(file: Path) -> int:
@@ -96,7 +105,7 @@ class ReleaseSpec:
     include_state: bool
     action_type: str
     data_mix: str
-    notes: list[str] = field(default_factory=list)
+    doublevla: dict = field(default_factory=dict)
 
     def stats_for(self, key: str | None) -> tuple[str, dict]:
         """(key, statistics) of a dataset key, or of the only one when `key` is None."""
@@ -133,7 +142,8 @@ def read_release(path: str | Path) -> ReleaseSpec:
     if "future_action_window_size" in head and "action_horizon" not in (
             framework_cfg.get("action_model") or {}):
         head["action_horizon"] = int(head["future_action_window_size"]) + 1
-    dit = {**DIT_DEFAULTS, **DIT_SIZES.get(head["action_model_type"], {}),
+    defaults = SNAPSHOT_DIT_DEFAULTS if framework == "PhysBrainVLA" else DIT_DEFAULTS
+    dit = {**defaults, **DIT_SIZES.get(head["action_model_type"], {}),
            **(head.get("diffusion_model_cfg") or {})}
     if "num_attention_heads" not in dit or "attention_head_dim" not in dit:
         raise ReleaseError(f"{run_dir / CONFIG_FILE}: action_model_type "
@@ -141,7 +151,8 @@ def read_release(path: str | Path) -> ReleaseSpec:
                            "its diffusion_model_cfg gives no num_attention_heads and "
                            "attention_head_dim")
     vla = (config.get("datasets") or {}).get("vla_data") or {}
-    size = vla.get("obs_image_size")
+    # The resolution their predict_action resizes frames to (the twin reads `image_size`).
+    size = vla.get("image_size" if framework == "PhysBrainVLA" else "obs_image_size")
     for key, block in stats.items():
         action = (block or {}).get("action") or {}
         lengths = {name: len(action.get(name, [])) for name in ("q01", "q99")}
@@ -155,7 +166,8 @@ def read_release(path: str | Path) -> ReleaseSpec:
         dit=dit, prompt=vla.get("CoT_prompt"),
         image_size=(int(size[0]), int(size[1])) if size else None,
         include_state=bool(vla.get("include_state", False)),
-        action_type=str(vla.get("action_type", "")), data_mix=str(vla.get("data_mix", "")))
+        action_type=str(vla.get("action_type", "")), data_mix=str(vla.get("data_mix", "")),
+        doublevla=dict(config.get("doublevla") or {}))
 
 
 def resolve_base_vlm(spec: ReleaseSpec, override: str | Path | None = None) -> Path:
@@ -207,6 +219,40 @@ def modern_vlm_key(key: str) -> str:
     return key
 
 
+def resize_frames(images: list[np.ndarray], size: tuple[int, int] | None) -> list[np.ndarray]:
+    """uint8 HxWx3 frames at `size` (width, height; None: as they are).
+
+    OpenCV's area interpolation, as starVLA's clients resize them.
+    """
+    out = []
+    for image in images:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"images must be HxWx3 uint8, got {image.dtype} {image.shape}")
+        if size and tuple(image.shape[1::-1]) != tuple(size):
+            import cv2
+
+            image = cv2.resize(image, tuple(size), interpolation=cv2.INTER_AREA)
+        out.append(image)
+    return out
+
+
+def initial_noise(noise: torch.Tensor | None, seed: int | None, horizon: int,
+                  action_dim: int) -> torch.Tensor:
+    """The flow's starting noise (1, horizon, action_dim).
+
+    The given one, else drawn on the CPU from `seed` (None: a fresh seed).
+    """
+    if noise is not None:
+        return noise
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return torch.randn((1, horizon, action_dim), generator=generator)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The weights file (`torch.save` of a state dict, or safetensors), tensors only."""
     if path.suffix == ".safetensors":
@@ -229,18 +275,21 @@ def _vlm_class(model_type: str):
             else Qwen3VLForConditionalGeneration)
 
 
-def build_vlm(base: Path, device: str | torch.device = "cpu",
+def build_vlm(base: Path, device: str | torch.device | None = None,
               dtype: torch.dtype = torch.float32):
     """The base VLM's module tree from its config.json alone, built on `device`.
 
-    "meta" takes no memory (for checking a layout); the weights come from the release file.
+    None: the current default device; "meta" takes no memory (for checking a layout). The
+    weights come from the release file.
     """
+    import contextlib
+
     from transformers import AutoConfig
 
     model_type = read_backbone_config(base)["model_type"]
     config = AutoConfig.from_pretrained(str(base), local_files_only=True)
     config._attn_implementation = "sdpa"
-    with torch.device(device):
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         return _vlm_class(model_type)._from_config(config, dtype=dtype)
 
 
@@ -288,18 +337,7 @@ class QwenGR00T(nn.Module):
 
     def prepare_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 HxWx3 frames at the training resolution (`obs_image_size`, area resize)."""
-        out = []
-        for image in images:
-            image = np.asarray(image)
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"images must be HxWx3 uint8, got {image.dtype} "
-                                 f"{image.shape}")
-            if self.spec.image_size and tuple(image.shape[1::-1]) != self.spec.image_size:
-                import cv2
-
-                image = cv2.resize(image, self.spec.image_size, interpolation=cv2.INTER_AREA)
-            out.append(image)
-        return out
+        return resize_frames(images, self.spec.image_size)
 
     def vl_inputs(self, images: list[np.ndarray], instruction: str):
         """Token ids, attention mask and pixels of one observation.
@@ -329,13 +367,15 @@ class QwenGR00T(nn.Module):
         extra = {}
         if "mm_token_type_ids" in inspect.signature(self.vlm.model.forward).parameters:
             extra["mm_token_type_ids"] = inputs.mm_token_type_ids.to(device)
-        out = self.vlm.model(input_ids=inputs.input_ids.to(device),
-                             attention_mask=inputs.attention_mask.to(device),
-                             pixel_values=inputs.pixel_values.to(device, dtype),
-                             image_grid_thw=inputs.image_grid_thw.to(device),
-                             use_cache=False, return_dict=True, **extra)
-        if hook is not None:
-            hook.remove()
+        try:
+            out = self.vlm.model(input_ids=inputs.input_ids.to(device),
+                                 attention_mask=inputs.attention_mask.to(device),
+                                 pixel_values=inputs.pixel_values.to(device, dtype),
+                                 image_grid_thw=inputs.image_grid_thw.to(device),
+                                 use_cache=False, return_dict=True, **extra)
+        finally:
+            if hook is not None:
+                hook.remove()
         hidden = before_norm.get("states", out.last_hidden_state)
         return hidden, inputs.attention_mask.to(device, torch.bool)
 
@@ -345,20 +385,13 @@ class QwenGR00T(nn.Module):
                seed: int | None = None) -> np.ndarray:
         """Normalized actions (horizon, action_dim) for one observation.
 
-        `state`: the release's normalized state vector (state_dim,) or None (no state token);
+        `state`: (state_dim,) as the release's data pipeline prepares it, or None (no state token);
         `noise`: the starting noise (1, horizon, action_dim), else drawn (seeded by `seed`).
         """
         hidden, mask = self.context(self.vl_inputs(images, instruction))
         head = self.action_model
         dtype = hidden.dtype
-        if noise is None:
-            generator = torch.Generator(device="cpu")
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(int(seed))
-            noise = torch.randn((1, self.horizon, self.action_dim), generator=generator)
-        noise = noise.to(self.device, dtype)
+        noise = initial_noise(noise, seed, self.horizon, self.action_dim).to(self.device, dtype)
         state_t = None
         if state is not None:
             state_t = torch.as_tensor(np.asarray(state, dtype=np.float32),
@@ -379,10 +412,48 @@ def unnormalize_actions(normalized: np.ndarray, stats: dict) -> np.ndarray:
     return np.where(mask, 0.5 * (actions + 1.0) * (high - low) + low, actions)
 
 
+def _modern_names(state: dict, prefixes: tuple[str, ...]) -> dict:
+    """The state dict with every Qwen-VL name under `prefixes` in today's layout."""
+    out = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = prefix + modern_vlm_key(key[len(prefix):])
+                break
+        out[key] = value
+    return out
+
+
+def _build(spec: ReleaseSpec, base: Path, state: dict, processor, dtype: torch.dtype):
+    """(model on the current default device, the file's tensors under the model's names)."""
+    if spec.framework == "PhysBrainVLA":
+        from .physbrain import PhysBrainTwin
+
+        left, right = build_vlm(base, dtype=dtype), build_vlm(base, dtype=dtype)
+        trainable, alias = VLM_PREFIXES["PhysBrainVLA"][1:]
+        rows = state.get(trainable + "model.language_model.embed_tokens.weight")
+        if rows is not None and rows.shape[0] != right.get_input_embeddings().weight.shape[0]:
+            right.resize_token_embeddings(rows.shape[0], mean_resizing=False)  # added tokens
+        if not any(key.startswith(alias) for key in state):  # saved without the alias
+            state.update({alias + k[len(trainable):]: v for k, v in state.items()
+                          if k.startswith(trainable)})
+        hidden = right.config.get_text_config().hidden_size
+        model = PhysBrainTwin(spec, left, right, processor, head_config(spec, hidden),
+                              spec.doublevla)
+        return model.to(dtype), state
+    vlm = build_vlm(base, dtype=dtype)
+    model = QwenGR00T(spec, vlm, processor,
+                      head_config(spec, vlm.config.get_text_config().hidden_size))
+    return model.to(dtype), {("vlm." + k[len(VLM_PREFIX):]) if k.startswith(VLM_PREFIX) else k:
+                             v for k, v in state.items()}
+
+
 def load_release(path: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32,
-                 backbone_path: str | Path | None = None) -> QwenGR00T:
-    """Load a released Qwen-GR00T run (directory or weights file) for inference.
+                 backbone_path: str | Path | None = None):
+    """Load a released run (directory or weights file) for inference.
+
+    Returns a `QwenGR00T` or, for the authors' twin, a `physbrain.PhysBrainTwin`.
 
     Raises:
         ReleaseError: naming the missing file, an unsupported framework or backbone, or the
@@ -392,27 +463,15 @@ def load_release(path: str | Path, device: str | torch.device = "cpu",
     base = resolve_base_vlm(spec, backbone_path)
     try:
         backbone = read_backbone_config(base)
+        processor = QwenVLProcessor.from_pretrained(base)
     except BackboneError as error:
         raise ReleaseError(f"released checkpoint {spec.run_dir}: {error}") from error
     if backbone["model_type"] not in SUPPORTED_MODEL_TYPES:
         raise ReleaseError(f"{base}: model_type {backbone['model_type']!r} is not a Qwen-VL")
-    device = torch.device(device)
-    with torch.device(device):
-        vlm = build_vlm(base, device, dtype)
-        hidden = vlm.config.get_text_config().hidden_size
-        model = QwenGR00T(spec, vlm, None, head_config(spec, hidden)).to(dtype)
-    state = read_state_dict(spec.weights)
-    state = {(VLM_PREFIX + modern_vlm_key(k[len(VLM_PREFIX):]) if k.startswith(VLM_PREFIX)
-              else k): v for k, v in state.items()}
-    expected = {k: v for k, v in model.state_dict().items()
-                if not k.startswith("processor")}
-    renamed = {("vlm." + k[len(VLM_PREFIX):]) if k.startswith(VLM_PREFIX) else k: v
-               for k, v in state.items()}
-    check_keys(expected, renamed, str(spec.weights))
-    model.load_state_dict(renamed, strict=True)
-    del state, renamed
-    try:
-        model.processor = QwenVLProcessor.from_pretrained(base)
-    except BackboneError as error:
-        raise ReleaseError(f"released checkpoint {spec.run_dir}: {error}") from error
+    state = _modern_names(read_state_dict(spec.weights), VLM_PREFIXES[spec.framework])
+    with torch.device(torch.device(device)):
+        model, state = _build(spec, base, state, processor, dtype)
+    check_keys(model.state_dict(), state, str(spec.weights))
+    model.load_state_dict(state, strict=True)
+    del state
     return model.eval()
