@@ -187,6 +187,20 @@ def test_the_loader_reproduces_the_authors_twin(name, cases, bases, tmp_path):
     np.testing.assert_array_equal(visible.numpy()[:, 0], case["joint_mask_visible"])
 
 
+def test_an_instruction_holding_the_twins_query_token_is_refused(bases, tmp_path):
+    from twinbrain_ros.model.backbone import InstructionError
+    from twinbrain_ros.policy.release_runtime import ReleaseRuntime
+    from twinbrain_ros.robot.embodiment import Embodiment
+
+    runtime = ReleaseRuntime(str(release_run("physbrain_qwen25", tmp_path / "run")),
+                             Embodiment.resolve("widowx"), device="cpu",
+                             backbone_path=bases["qwen2_5_vl"])
+    assert runtime.check_instruction("put the spoon on the towel", 128) > 0
+    with pytest.raises(InstructionError, match="special tokens"):
+        runtime.check_instruction("open it <|action|>", 128)
+    assert "<|action|>" in runtime.contract(128)["special_tokens"]
+
+
 def test_the_twin_refuses_a_mode_its_release_does_not_run(bases, tmp_path):
     def bidirectional(config):
         config["doublevla"]["mot_attention_mode"] = "bidirectional"

@@ -109,12 +109,20 @@ class ReleaseRuntime:
                 "image_size": [size[1], size[0]], "backbone": str(self.spec.base_vlm),
                 "backbone_type": self.model.model_type, "brain_mode": self.brain_mode,
                 "max_instruction_tokens": int(max_instruction_tokens),
-                "special_tokens": self.model.processor._special_tokens(),
+                "special_tokens": self.text_processor._special_tokens(),
                 "protocol": dict(self.protocol)}
+
+    @property
+    def text_processor(self):
+        """The processor whose special tokens an instruction must not hold.
+
+        For the twin, the Right Brain's, with its added `<|action|>` and `<|propri|>`.
+        """
+        return getattr(self.model, "right_processor", self.model.processor)
 
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """The instruction's token count; `InstructionError` (with a cause) if unusable."""
-        return self.model.processor.check_instruction(instruction, max_tokens)
+        return self.text_processor.check_instruction(instruction, max_tokens)
 
     def infer(self, observation: Observation, prefix: ChunkPrefix | None = None,
               seed: int | None | str = "runtime") -> ActionChunk:
