@@ -205,11 +205,15 @@ def test_two_sigints_end_a_busy_policy_node_cleanly(robot, gr1_checkpoints, tmp_
 
 
 def test_two_sigints_end_a_busy_sim_bridge_cleanly(ros_env, tmp_path):
-    """Busy: stepping the simulator and publishing at full speed. Exit code 0, no traceback."""
+    """Busy: stepping the simulator and publishing at full speed. Exit code 0, no traceback.
+
+    Episodes follow each other (`auto_reset`): at full speed one lasts about a second, which can
+    end before this side's subscription is matched; the bridge then keeps publishing anyway.
+    """
     node = NodeProcess(tmp_path / "bridge.log", "twinbrain_ros.ros.sim_bridge", [
         "--ros-args", "-p", "embodiment:=widowx", "-p", "image_width:=64",
         "-p", "image_height:=64", "-p", "wait_for_subscribers_s:=0.0",
-        "-p", "real_time_factor:=0.0"])
+        "-p", "real_time_factor:=0.0", "-p", "auto_reset:=true"])
     robot = RobotSide("widowx", watch=[node])
     try:
         from sensor_msgs.msg import JointState
