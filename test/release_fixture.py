@@ -39,18 +39,19 @@ def release_state_dict(layout: dict[str, list[int]]) -> dict:
     return {name: torch.from_numpy(release_tensor(name, shape)) for name, shape in layout.items()}
 
 
-def write_release_weights(fixture: str | Path, out: str | Path) -> Path:
+def write_release_weights(fixture: str | Path, out: str | Path, edit=None) -> Path:
     """Write the fixture's weights where its checkpoint file goes, as their trainer saves it.
 
     `out` is the run directory; the file is `out/checkpoints/steps_0_pytorch_model.pt`
-    (`torch.save` of the state dict).
+    (`torch.save` of the state dict). `edit(state_dict)` returns the state dict to save instead.
     """
     import torch
 
     layout = json.loads((Path(fixture) / "keys.json").read_text())
+    state = release_state_dict(layout)
     path = Path(out) / "checkpoints" / "steps_0_pytorch_model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(release_state_dict(layout), path)
+    torch.save(edit(state) if edit else state, path)
     return path
 
 
@@ -61,8 +62,6 @@ def release_run(name: str, out: Path, edit_config=None, edit_stats=None,
     `edit_config(config)` and `edit_stats(stats)` change the dicts in place;
     `edit_weights(state_dict)` returns the state dict to save.
     """
-    import torch
-
     fixture = FIXTURES / name
     out.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((fixture / "config.yaml").read_text())
@@ -73,13 +72,7 @@ def release_run(name: str, out: Path, edit_config=None, edit_stats=None,
         edit_stats(stats)
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     (out / "dataset_statistics.json").write_text(json.dumps(stats))
-    if edit_weights is None:
-        write_release_weights(fixture, out)
-    else:
-        layout = json.loads((fixture / "keys.json").read_text())
-        state = edit_weights(release_state_dict(layout))
-        (out / "checkpoints").mkdir(exist_ok=True)
-        torch.save(state, out / "checkpoints" / "steps_0_pytorch_model.pt")
+    write_release_weights(fixture, out, edit_weights)
     return out
 
 

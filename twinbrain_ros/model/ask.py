@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..errors import CausedError
+from ..errors import CausedError, refuse_long_text
 from .backbone import BackboneError, InstructionError
 
 DEFAULT_MAX_QUESTION_TOKENS = 256
@@ -169,11 +169,9 @@ class LeftBrainAnswerer:
         """The question stripped; `AskError` if empty, too long or holding special tokens."""
         if not isinstance(question, str):
             raise AskError("bad_question", "a question is a string")
-        if len(question) > 8 * self.max_question_tokens:
-            # Refused before any work on it, stripping included.
-            raise AskError("question_too_long", f"question of {len(question)} characters is "
-                                                f"longer than {self.max_question_tokens} "
-                                                "tokens (max_question_tokens)")
+        # Refused before any work on it, stripping included.
+        refuse_long_text(question, self.max_question_tokens, "question", "max_question_tokens",
+                         AskError)
         question = question.strip()
         if not question:
             raise AskError("empty_question", "the question is empty")

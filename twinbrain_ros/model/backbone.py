@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CausedError, shorten
+from ..errors import CausedError, refuse_long_text, shorten
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 
@@ -360,10 +360,7 @@ class QwenVLProcessor:
 
         Causes `{kind}_too_long` and `{kind}_special_tokens`; messages name `limit_name`.
         """
-        if len(text) > 8 * max_tokens:
-            raise InstructionError(f"{kind}_too_long",
-                                   f"{kind} of {len(text)} characters is longer "
-                                   f"than {max_tokens} tokens ({limit_name})")
+        refuse_long_text(text, max_tokens, kind, limit_name, InstructionError)
         specials = [t for t in self._special_tokens() if t in text]
         if specials:
             raise InstructionError(f"{kind}_special_tokens",

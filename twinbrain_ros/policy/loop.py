@@ -134,11 +134,6 @@ class PolicyLoop:
     # -- stepping ------------------------------------------------------------------------------
 
     @property
-    def next_start(self) -> float:
-        """When the next cycle is due (clock seconds)."""
-        return self._next_start
-
-    @property
     def pending_ready(self) -> float | None:
         """When the inferred chunk waiting for its delay is due, None if there is none."""
         return None if self._pending is None else self._pending.ready

@@ -16,11 +16,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
+from ..model.release.starvla import ReleaseError, load_release, read_release, unnormalize_actions
 from ..robot.embodiment import Embodiment
 from ..robot.observation import Observation
 from ..transforms.rtc import ChunkPrefix
 from .contract import ActionChunk
+from .runtime import resolve_device
 
 # Which statistics of a release un-normalize the actions of a robot's action space
 # (starVLA's SimplerEnv client: `oxe_bridge` for the WidowX).
@@ -49,11 +52,6 @@ class ReleaseRuntime:
                 does not fit the robot, a release conditioned on a state layout we cannot
                 produce, or a file that does not fit the model (the message says which).
         """
-        import torch
-
-        from ..model.release.starvla import ReleaseError, load_release, read_release
-        from .runtime import resolve_device
-
         spec = read_release(checkpoint)
         space = RELEASE_ACTION_TYPES.get(spec.action_type)
         if space != embodiment.action_space:
@@ -77,7 +75,7 @@ class ReleaseRuntime:
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_release(checkpoint, device=self.device, dtype=dtype,
-                                  backbone_path=backbone_path)
+                                  backbone_path=backbone_path, spec=spec)
         self.spec = spec
         self.embodiment = embodiment
         self.horizon = self.model.horizon
@@ -133,8 +131,6 @@ class ReleaseRuntime:
         if prefix is not None:
             raise ValueError("a released checkpoint cannot inpaint a prefix (chunk_transition "
                              "rtc); use blend or ensemble")
-        from ..model.release.starvla import unnormalize_actions
-
         start = time.perf_counter()
         normalized = self.model.sample(list(observation.images), observation.instruction,
                                        seed=self.seed if seed == "runtime" else seed)

@@ -31,7 +31,7 @@ import time
 import numpy as np
 from std_msgs.msg import String
 
-from ..errors import CausedError, shorten
+from ..errors import CausedError, refuse_long_text, shorten
 from . import diagnostic_keys as keys
 
 MAX_PENDING = 8          # questions held (the one being answered too); more: `busy`
@@ -77,11 +77,10 @@ class QuestionDesk:
         entry = {"question": text, "received": time.monotonic()}
         with self._lock:
             self.questions += 1
-        if len(text) > 8 * self.max_question_tokens:
-            self._refuse(entry, CausedError("question_too_long", f"question of {len(text)} "
-                                            f"characters is longer than "
-                                            f"{self.max_question_tokens} tokens "
-                                            "(max_question_tokens)"))
+        try:
+            refuse_long_text(text, self.max_question_tokens, "question", "max_question_tokens")
+        except CausedError as error:
+            self._refuse(entry, error)
             return
         if not text.strip():
             self._refuse(entry, CausedError("empty_question", "the question is empty"))

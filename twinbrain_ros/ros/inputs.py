@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ..errors import CausedError
+from ..errors import CausedError, refuse_long_text
 from ..policy.loop import Snapshot
 from ..robot.observation import Observation
 
@@ -127,10 +127,7 @@ def checked_instruction(text: str, max_tokens: int, check=None) -> str:
     byte-level BPE token covers at least one character); `check(text, max_tokens)` (the
     runtime's tokenizer check) refuses the rest that is too long or holds special tokens.
     """
-    if len(text) > 8 * max_tokens:
-        raise CausedError("instruction_too_long", f"instruction of {len(text)} characters is "
-                                                  f"longer than {max_tokens} tokens "
-                                                  "(max_instruction_tokens)")
+    refuse_long_text(text, max_tokens)
     text = text.strip()
     if not text:
         raise CausedError("empty_instruction", "rejected an empty instruction")

@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from ..errors import CausedError, shorten
+from ..errors import CausedError, refuse_long_text, shorten
 from ..policy.contract import ActionChunk, check_contract
 from .protocol import PROTOCOL_VERSION, ProtocolError, encode_image, pack, resize, unpack
 
@@ -213,10 +213,7 @@ class RemoteRuntime:
     def check_instruction(self, instruction: str, max_tokens: int) -> int:
         """Local checks (length, the prompt's special tokens); the server counts the tokens."""
         limit = min(max_tokens, (self.contract or {}).get("max_instruction_tokens", max_tokens))
-        if len(instruction) > 8 * limit:
-            raise ServerError("instruction_too_long", f"instruction of {len(instruction)} "
-                                                      f"characters is longer than {limit} "
-                                                      "tokens (max_instruction_tokens)")
+        refuse_long_text(instruction, limit, error=ServerError)
         specials = [t for t in (self.contract or {}).get("special_tokens", []) if t in instruction]
         if specials:
             raise ServerError("instruction_special_tokens", f"instruction contains the special "

@@ -64,10 +64,6 @@ def right_tokenizer_processor(left: QwenVLProcessor) -> QwenVLProcessor:
                            chat_template=left.chat_template)
 
 
-class _Holder(nn.Module):
-    """A container whose attribute names reproduce their parameter names."""
-
-
 class PhysBrainTwin(nn.Module):
     """PhysBrain-VLA's twin (posterior inference): two Qwen-VLs joined by unidirectional MoT."""
 
@@ -75,10 +71,11 @@ class PhysBrainTwin(nn.Module):
                  processor: QwenVLProcessor, head_cfg: GR00THeadConfig, doublevla: dict):
         super().__init__()
         self.spec = spec
-        self.qwen_vl_interface = _Holder()
-        self.qwen_vl_interface.frozen_vlm = _Holder()
+        # Containers whose attribute names reproduce their parameter names.
+        self.qwen_vl_interface = nn.Module()
+        self.qwen_vl_interface.frozen_vlm = nn.Module()
         self.qwen_vl_interface.frozen_vlm.model = left_vlm
-        self.qwen_vl_interface.trainable_vlm = _Holder()
+        self.qwen_vl_interface.trainable_vlm = nn.Module()
         self.qwen_vl_interface.trainable_vlm.model = right_vlm
         self.qwen_vl_interface.model = right_vlm     # their interface's alias of the Right VLM
         self.action_model = GR00TFlowHead(head_cfg)
@@ -182,9 +179,10 @@ class PhysBrainTwin(nn.Module):
         Right token i sees Left tokens 0..i (the Left Brain's own causal and padding mask, row
         i) and, past the end of the Left sequence, all of it; its own tokens causally.
         """
-        b, _, lr, ll = right_mask.shape[0], 1, right_mask.shape[-1], left_mask.shape[-1]
-        over_left = torch.zeros((b, 1, lr, ll), dtype=right_mask.dtype, device=right_mask.device)
-        rows = min(lr, ll)
+        batch, right_len, left_len = right_mask.shape[0], right_mask.shape[-1], left_mask.shape[-1]
+        over_left = torch.zeros((batch, 1, right_len, left_len), dtype=right_mask.dtype,
+                                device=right_mask.device)
+        rows = min(right_len, left_len)
         over_left[:, :, :rows, :] = left_mask[:, :, :rows, :]
         return torch.cat([over_left, right_mask], dim=-1)
 

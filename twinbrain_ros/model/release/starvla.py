@@ -94,7 +94,6 @@ class ReleaseSpec:
 
     run_dir: Path
     weights: Path
-    config: dict
     stats: dict
     framework: str
     base_vlm: str
@@ -104,7 +103,6 @@ class ReleaseSpec:
     image_size: tuple[int, int] | None
     include_state: bool
     action_type: str
-    data_mix: str
     doublevla: dict = field(default_factory=dict)
 
     def stats_for(self, key: str | None) -> tuple[str, dict]:
@@ -161,12 +159,12 @@ def read_release(path: str | Path) -> ReleaseSpec:
                                f"q01/q99 of lengths {lengths}, the head predicts "
                                f"{head['action_dim']} dimensions")
     return ReleaseSpec(
-        run_dir=run_dir, weights=weights, config=config, stats=stats, framework=framework,
+        run_dir=run_dir, weights=weights, stats=stats, framework=framework,
         base_vlm=str((framework_cfg.get("qwenvl") or {}).get("base_vlm", "")), head=head,
         dit=dit, prompt=vla.get("CoT_prompt"),
         image_size=(int(size[0]), int(size[1])) if size else None,
         include_state=bool(vla.get("include_state", False)),
-        action_type=str(vla.get("action_type", "")), data_mix=str(vla.get("data_mix", "")),
+        action_type=str(vla.get("action_type", "")),
         doublevla=dict(config.get("doublevla") or {}))
 
 
@@ -450,16 +448,17 @@ def _build(spec: ReleaseSpec, base: Path, state: dict, processor, dtype: torch.d
 
 def load_release(path: str | Path, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32,
-                 backbone_path: str | Path | None = None):
+                 backbone_path: str | Path | None = None, spec: ReleaseSpec | None = None):
     """Load a released run (directory or weights file) for inference.
 
-    Returns a `QwenGR00T` or, for the authors' twin, a `physbrain.PhysBrainTwin`.
+    Returns a `QwenGR00T` or, for the authors' twin, a `physbrain.PhysBrainTwin`. `spec`: the
+    run's files as `read_release(path)` already read them.
 
     Raises:
         ReleaseError: naming the missing file, an unsupported framework or backbone, or the
             tensors that do not fit the model the config describes.
     """
-    spec = read_release(path)
+    spec = spec or read_release(path)
     base = resolve_base_vlm(spec, backbone_path)
     try:
         backbone = read_backbone_config(base)
